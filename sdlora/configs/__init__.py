@@ -1,0 +1,1 @@
+"""Configs and tokenizer files of the real model families, shipped for offline loading."""

@@ -1,0 +1,1 @@
+"""The style trainer (sdlora.training)."""
