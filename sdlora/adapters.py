@@ -3,7 +3,12 @@
 Every adapter works in float32 whatever the file's dtype, and returns tensors on the device of
 the weight it is given. `delta(W)` is the full update at strength 1, already scaled (alpha/rank).
 Applying at strength s is `apply(W, s)`; for additive algorithms that is W + s·ΔW, while DoRA
-(which rescales the patched weight) overrides it.
+(which rescales the patched weight) overrides it. `bias_delta(b)` is the bias update at strength 1
+(None when the module has none); callers add s·Δb.
+
+Modifiers every adapter honours (A1111 network.py `NetworkModule`): a stored `scale` tensor
+overrides alpha/rank, and an A1111 `bias` tensor (weight-sized, despite the name) is added to the
+unscaled update before scaling (`finalize_updown`).
 """
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import torch
 
 
 class Adapter:
-    algorithm = "?"       # "lora", "locon", "loha", "lokr", "full", "dora", ...
-    additive = True       # W' = W + s·ΔW (order-independent)
+    algorithm = "?"       # "lora", "locon", "loha", "lokr", "full", "norm", "ia3", "oft", "dora"
+    additive = True       # W' = W + s·ΔW with ΔW independent of W (order-independent)
 
-    def __init__(self, tensors: dict[str, torch.Tensor], alpha: float | None = None):
-        self.tensors = tensors   # the file's tensors for this module, by suffix (as stored)
+    def __init__(self, tensors: dict[str, torch.Tensor], alpha: float | None = None,
+                 scale_override: float | None = None):
+        self.tensors = tensors   # the file's tensors for this module, by normalized suffix (as stored)
         self.alpha = alpha
+        self.scale_override = scale_override
 
     @property
     def rank(self) -> int | None:
@@ -25,6 +32,8 @@ class Adapter:
     @property
     def scale(self) -> float:
         """alpha / rank; missing alpha means alpha = rank (kohya, A1111, ComfyUI)."""
+        if self.scale_override is not None:
+            return float(self.scale_override)
         r = self.rank
         return 1.0 if (self.alpha is None or not r) else float(self.alpha) / r
 
@@ -32,9 +41,16 @@ class Adapter:
         t = self.tensors[suffix]
         return t.to(device=like.device if like is not None else t.device, dtype=torch.float32)
 
+    def _raw(self, weight: torch.Tensor) -> torch.Tensor:
+        """The unscaled update, any shape with weight's element count."""
+        raise NotImplementedError
+
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """ΔW (float32, weight's shape and device) at strength 1."""
-        raise NotImplementedError
+        d = self._raw(weight).reshape(weight.shape)
+        if "bias" in self.tensors:  # A1111: a weight-sized offset added before the scale
+            d = d + self._t("bias", weight).reshape(weight.shape)
+        return d * self.scale
 
     def bias_delta(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """Δb (float32) at strength 1, or None when the adapter has no bias part."""
@@ -44,13 +60,30 @@ class Adapter:
         """The patched weight in float32 given the current one (in float32)."""
         return weight + strength * self.delta(weight)
 
+    def _out_numel(self) -> tuple[int, int]:
+        """(output rows, element count) of the update, from the tensor shapes alone."""
+        raise NotImplementedError
+
     def target_shape_ok(self, weight_shape: tuple[int, ...]) -> bool:
         """Whether this adapter can patch a weight of that shape (checked before any change)."""
-        raise NotImplementedError
+        out, numel = self._out_numel()
+        ok = _fits(weight_shape, out, numel)
+        if ok and "bias" in self.tensors:
+            ok = self.tensors["bias"].numel() == numel
+        return ok
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
+        return f"{type(self).__name__}({shapes}, alpha={self.alpha})"
 
 
 def _fits(weight_shape, out_features: int, numel: int) -> bool:
-    return weight_shape[0] == out_features and torch.Size(weight_shape).numel() == numel
+    return len(weight_shape) > 0 and weight_shape[0] == out_features and torch.Size(weight_shape).numel() == numel
+
+
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """CP/Tucker rebuild used by LoHa and LoKr: M[p,q,...] = Σ_ij t[i,j,...]·wa[i,p]·wb[j,q]."""
+    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
 
 
 class LoRA(Adapter):
@@ -58,17 +91,20 @@ class LoRA(Adapter):
 
     Shapes: down [r, in] or [r, in, kh, kw]; up [out, r] or [out, r, 1, 1]; mid [r, r, kh, kw].
     A conv-shaped file for a Linear target (SD1 proj_in LoRA on an SD2-style Linear) works by
-    reshaping, as A1111 and ComfyUI do.
+    reshaping, as A1111 and ComfyUI do. `bias` is PEFT's `lora_B.bias`: Δb = scale·bias
+    (peft tuners/lora/layer.py `merge`). `offset` is A1111's weight-sized `bias` modifier.
     """
     algorithm = "lora"
 
-    def __init__(self, up, down, mid=None, alpha=None, bias=None):
+    def __init__(self, up, down, mid=None, alpha=None, bias=None, scale_override=None, offset=None):
         tensors = {"up": up, "down": down}
         if mid is not None:
             tensors["mid"] = mid
         if bias is not None:
-            tensors["bias"] = bias
-        super().__init__(tensors, alpha)
+            tensors["up_bias"] = bias
+        if offset is not None:
+            tensors["bias"] = offset
+        super().__init__(tensors, alpha, scale_override)
         if down.dim() == 4 and (mid is not None or down.shape[2:] != (1, 1)):
             self.algorithm = "locon"
 
@@ -76,24 +112,285 @@ class LoRA(Adapter):
     def rank(self) -> int:
         return self.tensors["down"].shape[0]
 
-    def _numel(self) -> int:
+    def _out_numel(self):
         up, down, mid = self.tensors["up"], self.tensors["down"], self.tensors.get("mid")
         kernel = mid.shape[2:].numel() if mid is not None else down.shape[2:].numel()
-        return up.shape[0] * down.shape[1] * kernel
+        return up.shape[0], up.shape[0] * down.shape[1] * kernel
 
-    def target_shape_ok(self, weight_shape) -> bool:
-        return _fits(weight_shape, self.tensors["up"].shape[0], self._numel())
-
-    def delta(self, weight):
+    def _raw(self, weight):
         up, down = self._t("up", weight), self._t("down", weight)
         r = down.shape[0]
         up2 = up.reshape(up.shape[0], r)
         if "mid" in self.tensors:
-            mid = self._t("mid", weight)
-            d = torch.einsum("mnhw,im,nj->ijhw", mid, up2, down.reshape(r, -1))
-        else:
-            d = up2 @ down.reshape(r, -1)
-        return (d * self.scale).reshape(weight.shape)
+            return torch.einsum("mnhw,im,nj->ijhw", self._t("mid", weight), up2, down.reshape(r, -1))
+        return up2 @ down.reshape(r, -1)
 
     def bias_delta(self, bias):
-        return self._t("bias", bias) if "bias" in self.tensors else None
+        return self._t("up_bias", bias) * self.scale if "up_bias" in self.tensors else None
+
+
+class LoHa(Adapter):
+    """LoHa: ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · scale; with `t1`/`t2` the CP (Tucker) form for convs.
+
+    Plain: w1a [out, r], w1b [r, in·kh·kw]. CP: t [r, r, kh, kw], wa [r, out], wb [r, in]
+    (LyCORIS functional/loha.py, ComfyUI weight_adapter/loha.py). Rank = w1b.shape[0].
+    """
+    algorithm = "loha"
+
+    def __init__(self, w1a, w1b, w2a, w2b, t1=None, t2=None, alpha=None, scale_override=None, offset=None):
+        tensors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
+        if (t1 is None) != (t2 is None):
+            raise ValueError("LoHa needs both hada_t1 and hada_t2 or neither")
+        if t1 is not None:
+            tensors.update(hada_t1=t1, hada_t2=t2)
+        if offset is not None:
+            tensors["bias"] = offset
+        super().__init__(tensors, alpha, scale_override)
+
+    @property
+    def rank(self) -> int:
+        return self.tensors["hada_w1_b"].shape[0]
+
+    def _out_numel(self):
+        a, b = self.tensors["hada_w1_a"], self.tensors["hada_w1_b"]
+        if "hada_t1" in self.tensors:
+            out = a.shape[1]
+            return out, out * b.shape[1] * self.tensors["hada_t1"].shape[2:].numel()
+        return a.shape[0], a.shape[0] * b[0].numel()
+
+    def _half(self, i, weight):
+        a, b = self._t(f"hada_w{i}_a", weight), self._t(f"hada_w{i}_b", weight)
+        if "hada_t1" in self.tensors:
+            return _tucker(self._t(f"hada_t{i}", weight), a, b.reshape(b.shape[0], -1))
+        return a @ b.reshape(b.shape[0], -1)
+
+    def _raw(self, weight):
+        return self._half(1, weight) * self._half(2, weight)
+
+
+class LoKr(Adapter):
+    """LoKr: ΔW = w1 ⊗ w2 · scale (LyCORIS modules/lokr.py, ComfyUI weight_adapter/lokr.py).
+
+    w1 = lokr_w1 [a, c] or lokr_w1_a [a, r] @ lokr_w1_b [r, c]; w2 = lokr_w2 [b, d(, kh, kw)] or
+    lokr_w2_a [b, r] @ lokr_w2_b [r, d·kh·kw], or Tucker t2 [r, r, kh, kw] with w2_a [r, b], w2_b [r, d].
+    Scale: alpha / r only when a factor is decomposed (r = its inner dim, w2's when both are);
+    with both factors full, alpha is ignored and scale = 1 (lora-formats.md §4.4).
+    """
+    algorithm = "lokr"
+    _NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], alpha=None, scale_override=None, offset=None):
+        tensors = {k: v for k, v in tensors.items() if k in self._NAMES}
+        if not ("lokr_w1" in tensors or {"lokr_w1_a", "lokr_w1_b"} <= tensors.keys()):
+            raise ValueError("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
+        if not ("lokr_w2" in tensors or {"lokr_w2_a", "lokr_w2_b"} <= tensors.keys()):
+            raise ValueError("LoKr needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
+        if offset is not None:
+            tensors["bias"] = offset
+        super().__init__(tensors, alpha, scale_override)
+
+    @property
+    def rank(self) -> int | None:
+        if "lokr_w2" not in self.tensors:
+            return self.tensors["lokr_w2_b"].shape[0]
+        if "lokr_w1" not in self.tensors:
+            return self.tensors["lokr_w1_b"].shape[0]
+        return None  # full x full: scale 1, alpha ignored
+
+    def _factor_shapes(self):
+        t = self.tensors
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = tuple(t["lokr_w2"].shape)
+        elif "lokr_t2" in t:
+            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1]) + tuple(t["lokr_t2"].shape[2:])
+        else:
+            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"][0].numel())
+        return tuple(w1), w2
+
+    def _out_numel(self):
+        w1, w2 = self._factor_shapes()
+        out = w1[0] * w2[0]
+        return out, out * w1[1] * torch.Size(w2[1:]).numel()
+
+    def _raw(self, weight):
+        t = self.tensors
+        w1 = self._t("lokr_w1", weight) if "lokr_w1" in t else self._t("lokr_w1_a", weight) @ self._t("lokr_w1_b", weight)
+        if "lokr_w2" in t:
+            w2 = self._t("lokr_w2", weight)
+        elif "lokr_t2" in t:
+            w2 = _tucker(self._t("lokr_t2", weight), self._t("lokr_w2_a", weight), self._t("lokr_w2_b", weight))
+        else:
+            b = self._t("lokr_w2_b", weight)
+            w2 = self._t("lokr_w2_a", weight) @ b.reshape(b.shape[0], -1)
+        if w2.dim() > 2:
+            w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
+        return torch.kron(w1, w2)
+
+
+class Full(Adapter):
+    """Full / native fine-tune (`diff`, `diff_b`) and norm-layer deltas (`w_norm`, `b_norm`).
+
+    ΔW = diff, Δb = diff_b: no alpha, only the strength applies (LyCORIS modules/full.py,
+    modules/norms.py; ComfyUI treats both as `diff` patches). Either part may be absent.
+    """
+    algorithm = "full"
+
+    def __init__(self, diff=None, diff_b=None, algorithm: str = "full"):
+        if diff is None and diff_b is None:
+            raise ValueError("a full/norm module needs a weight or a bias difference")
+        tensors = {}
+        if diff is not None:
+            tensors["diff"] = diff
+        if diff_b is not None:
+            tensors["diff_b"] = diff_b
+        super().__init__(tensors)
+        self.algorithm = algorithm
+
+    def _out_numel(self):
+        d = self.tensors.get("diff")
+        return (d.shape[0], d.numel()) if d is not None else (None, None)
+
+    def target_shape_ok(self, weight_shape) -> bool:
+        d = self.tensors.get("diff")
+        return d is None or tuple(d.shape) == tuple(weight_shape)
+
+    def bias_shape_ok(self, bias_shape) -> bool:
+        b = self.tensors.get("diff_b")
+        return b is None or (bias_shape is not None and tuple(b.shape) == tuple(bias_shape))
+
+    def _raw(self, weight):
+        return self._t("diff", weight) if "diff" in self.tensors else torch.zeros_like(weight, dtype=torch.float32)
+
+    def bias_delta(self, bias):
+        return self._t("diff_b", bias) if "diff_b" in self.tensors else None
+
+
+class IA3(Adapter):
+    """(IA)³: W' = W ⊙ (1 + s·w), w scaling output rows (`on_input`=0) or input columns (=1).
+
+    ΔW = W ⊙ w depends on W, so it is not order-independent (A1111 network_ia3.py; LyCORIS ia3.py).
+    """
+    algorithm = "ia3"
+    additive = False
+
+    def __init__(self, weight, on_input: bool, scale_override=None):
+        super().__init__({"weight": weight}, None, scale_override)
+        self.on_input = bool(on_input)
+
+    def target_shape_ok(self, weight_shape) -> bool:
+        n = self.tensors["weight"].numel()
+        return len(weight_shape) >= 2 and weight_shape[1 if self.on_input else 0] == n
+
+    def _raw(self, weight):
+        w = self._t("weight", weight).flatten()
+        view = [1] * weight.dim()
+        view[1 if self.on_input else 0] = w.numel()
+        return weight.float() * w.reshape(view)
+
+
+class OFT(Adapter):
+    """(Diag-)OFT: each block of output rows is rotated by a Cayley transform of `oft_blocks`.
+
+    Q = B − Bᵀ (clamped to ‖Q‖ ≤ alpha·out when alpha > 0, kohya networks/oft.py and LyCORIS
+    modules/diag_oft.py), R = (I + Q)(I − Q)⁻¹ in float32, W'[k,m] = Σ_n R[k,n,m]·W[k,n],
+    optionally times `rescale`; ΔW = W' − W. At strength s: W + s·ΔW, i.e. sR + (1−s)I (kohya).
+    """
+    algorithm = "oft"
+    additive = False
+
+    def __init__(self, oft_blocks, alpha=None, rescale=None):
+        tensors = {"oft_blocks": oft_blocks}
+        if rescale is not None:
+            tensors["rescale"] = rescale
+        super().__init__(tensors, alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.tensors["oft_blocks"].shape[0]  # the block count (kohya's "dim")
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+    def target_shape_ok(self, weight_shape) -> bool:
+        n, bs, _ = self.tensors["oft_blocks"].shape
+        return len(weight_shape) >= 2 and weight_shape[0] == n * bs
+
+    def rotation(self, device=None) -> torch.Tensor:
+        blocks = self.tensors["oft_blocks"].to(device=device, dtype=torch.float32)
+        n, bs, _ = blocks.shape
+        q = blocks - blocks.transpose(1, 2)
+        if self.alpha is not None and self.alpha > 0:
+            limit = float(self.alpha) * n * bs
+            norm = torch.linalg.vector_norm(q)
+            if norm > limit:
+                q = q * (limit / (norm + 1e-8))
+        eye = torch.eye(bs, device=q.device).expand(n, bs, bs)
+        return (eye + q) @ torch.linalg.inv(eye - q)
+
+    def _raw(self, weight):
+        r = self.rotation(weight.device)
+        n = r.shape[0]
+        w = weight.float().reshape(n, r.shape[1], *weight.shape[1:])
+        rotated = torch.einsum("knm,kn...->km...", r, w).reshape(weight.shape)
+        if "rescale" in self.tensors:
+            rotated = rotated * self._t("rescale", weight).reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+        return rotated - weight.float()
+
+
+class DoRA(Adapter):
+    """DoRA: a magnitude vector m rescales the patched weight W_c = W + ΔW_inner.
+
+    W_dora = m ⊙ W_c / (‖W_c‖ + eps), with norms per output row (LyCORIS `wd_on_out`, PEFT
+    `lora_magnitude_vector`) or per input column (kohya/LyCORIS/A1111 `dora_scale` [1, in, ...]).
+    `axis="auto"` picks it from the shape as ComfyUI does (m.shape[0] == out → output rows).
+    Strength interpolates: W' = W + s·(W_dora − W) (ComfyUI weight_decompose, A1111).
+    """
+    algorithm = "dora"
+    additive = False
+
+    def __init__(self, inner: Adapter, magnitude: torch.Tensor, axis: str = "auto"):
+        super().__init__(dict(inner.tensors, dora_scale=magnitude), inner.alpha, inner.scale_override)
+        self.inner = inner
+        if axis not in ("auto", "out", "in"):
+            raise ValueError(f"DoRA axis must be 'auto', 'out' or 'in', not {axis!r}")
+        self.axis = axis
+
+    base_algorithm = property(lambda self: self.inner.algorithm)
+    rank = property(lambda self: self.inner.rank)
+    scale = property(lambda self: self.inner.scale)
+
+    def _axis(self, weight_shape) -> str:
+        if self.axis != "auto":
+            return self.axis
+        m = self.tensors["dora_scale"]
+        return "out" if m.shape[0] == weight_shape[0] and m.numel() == weight_shape[0] else "in"
+
+    def target_shape_ok(self, weight_shape) -> bool:
+        if not self.inner.target_shape_ok(weight_shape):
+            return False
+        n = self.tensors["dora_scale"].numel()
+        return n == weight_shape[0 if self._axis(weight_shape) == "out" else 1]
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """W_dora at strength 1 (float32)."""
+        wc = weight.float() + self.inner.delta(weight)
+        m = self._t("dora_scale", weight).flatten()
+        view = [1] * wc.dim()
+        if self._axis(weight.shape) == "out":
+            norm = torch.linalg.vector_norm(wc.reshape(wc.shape[0], -1), dim=1)
+            view[0] = -1
+        else:
+            norm = torch.linalg.vector_norm(wc.transpose(0, 1).reshape(wc.shape[1], -1), dim=1)
+            view[1] = -1
+        return wc * (m / (norm + torch.finfo(torch.float32).eps)).reshape(view)
+
+    def delta(self, weight):
+        return self.merged(weight) - weight.float()
+
+    def apply(self, weight, strength):
+        return weight + strength * (self.merged(weight) - weight)
+
+    def bias_delta(self, bias):
+        return self.inner.bias_delta(bias)

@@ -136,24 +136,34 @@ class ModuleInfo:
     has_bias: bool
 
 
-def module_table(family: str, configs: dict[str, dict] | None = None) -> dict[str, ModuleInfo]:
+NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding)
+
+
+def module_table(family: str, configs: dict[str, dict] | None = None, *,
+                 include_norms: bool = False) -> dict[str, ModuleInfo]:
     """Canonical path -> weight shape for every Linear/Conv2d of a family's components.
 
     `configs` (component -> config) overrides the real-size configs, e.g. for a tiny model.
+    `include_norms` adds GroupNorm/LayerNorm/Embedding modules (targets of full and norm diffs).
     """
     configs = configs or {}
     key = json.dumps({c: configs.get(c) for c in get_family(family).components}, sort_keys=True)
-    return _module_table(family, key)
+    return _module_table(family, key, include_norms)
 
 
 @functools.lru_cache(maxsize=16)
-def _module_table(family: str, configs_json: str) -> dict[str, ModuleInfo]:
+def _module_table(family: str, configs_json: str, include_norms: bool = False) -> dict[str, ModuleInfo]:
     configs = json.loads(configs_json)
     table = {}
     for comp in get_family(family).components:
         model = build_component(family, comp, configs.get(comp))
         for path, mod in canonical_modules(comp, model).items():
             table[path] = ModuleInfo(tuple(mod.weight.shape), mod.bias is not None)
+        if include_norms:
+            for n, mod in model.named_modules():
+                if isinstance(mod, NORM_TYPES) and getattr(mod, "weight", None) is not None:
+                    table[canonical_name(comp, model, n)] = ModuleInfo(tuple(mod.weight.shape),
+                                                                       getattr(mod, "bias", None) is not None)
     return table
 
 
