@@ -42,6 +42,7 @@ class LoraFile:
     path: Path | None = None
     family_evidence: str = ""                     # why this family (metadata, names, shapes, or the caller)
     container: str = "safetensors"                # "safetensors" | "pickle" | "state_dict"
+    misfits: list[str] = field(default_factory=list)  # shape misfits kept when read with check_shapes=False
 
     @property
     def algorithms(self) -> list[str]:
@@ -115,13 +116,15 @@ def _shape_text(ad: Adapter) -> str:
 
 
 def read_lora(source, *, family: str | None = None, configs: dict | None = None,
-              allow_partial: bool = False) -> LoraFile:
+              allow_partial: bool = False, check_shapes: bool = True) -> LoraFile:
     """Read a LoRA file (`.safetensors`, or `.pt/.ckpt` via weights_only) or a state dict.
 
     `family` ("sd1"|"sd2"|"sdxl") is the target model's family: a LoRA for another family raises
     FamilyMismatchError. `configs` (component -> config dict) matches names and shapes against that
     exact model (e.g. a tiny test model); by default the family's real-size configs are used.
     Unplaceable keys raise UnmatchedKeysError unless `allow_partial` (then a warning).
+    `check_shapes=False` (for describing files, e.g. `sdlora inspect` on a model of another size)
+    places modules whose shapes do not fit and lists them in `misfits` instead of failing.
     """
     if family is not None:
         get_family(family)
@@ -183,13 +186,14 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
         fits = [c for c in cands if _fits(ad, table[c])]
         if not fits:
             misfits.append(f"{name} ({_shape_text(ad)}) does not fit {cands[0]} weight {list(table[cands[0]].shape)}")
-            continue
-        target = fits[0]
+            if check_shapes:
+                continue
+        target = (fits or cands)[0]
         if target in patches:
             raise LoraFormatError(f"{where}two entries of the file patch the same module {target}: "
                                   f"{source_of[target]} and {name}; the file is inconsistent")
         patches[target], source_of[target] = ad, name
-    if misfits:
+    if misfits and check_shapes:
         raise LoraFormatError(
             f"{where}{len(misfits)} modules do not fit the {SD_FAMILIES[fam]} model's weights (a LoRA for another "
             f"model or a damaged file): " + "; ".join(misfits[:5]) + (" ..." if len(misfits) > 5 else ""))
@@ -208,4 +212,4 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
     algorithms = {ad.algorithm for ad in patches.values()}
     return LoraFile(patches=patches, family=fam, format=_format_name(parsed, algorithms, header.metadata),
                     metadata=dict(header.metadata), embeddings=embeddings, unmatched=unmatched, path=path,
-                    family_evidence=evidence, container=header.container)
+                    family_evidence=evidence, container=header.container, misfits=misfits)
