@@ -83,7 +83,7 @@ def _fits(weight_shape, out_features: int, numel: int) -> bool:
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """CP/Tucker rebuild used by LoHa and LoKr: M[p,q,...] = Σ_ij t[i,j,...]·wa[i,p]·wb[j,q]."""
-    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb)
+    return torch.einsum("ij...,ip,jq->pq...", t, wa, wb).contiguous()
 
 
 class LoRA(Adapter):
@@ -225,7 +225,7 @@ class LoKr(Adapter):
             w2 = self._t("lokr_w2_a", weight) @ b.reshape(b.shape[0], -1)
         if w2.dim() > 2:
             w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
-        return torch.kron(w1, w2)
+        return torch.kron(w1.contiguous(), w2.contiguous())
 
 
 class Full(Adapter):
