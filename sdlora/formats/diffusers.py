@@ -26,11 +26,6 @@ SUFFIXES = {
 }
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _ORDER = sorted(SUFFIXES, key=len, reverse=True)
-_HINTS = ("lora_A", "lora_B", "lora.", "lora_linear_layer", "_lora.", "lora_magnitude_vector", "lora_down", "lora_up")
-
-
-def claims(key: str) -> bool:
-    return "." in key and any(h in key for h in _HINTS) or key.endswith(".alpha") or key.endswith(".dora_scale")
 
 
 def split_key(key: str) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ cannot be placed fail the read (or, with allow_partial=True, warn and land in `u
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from collections import Counter
@@ -22,12 +23,13 @@ from sdlora.adapters import Adapter, Full
 from sdlora.errors import FamilyMismatchError, LoraFormatError, UnmatchedKeysError
 from sdlora.families import get_family, module_table
 from sdlora.formats import diffusers, kohya
-from sdlora.formats.container import Header, header_of_state_dict, load_tensors, read_header
+from sdlora.formats.container import header_of_state_dict, load_tensors, read_header
 from sdlora.formats.detect import SD_FAMILIES, detect_family, refuse_non_lora
 from sdlora.formats.keys import ParsedKeys, parse_keys
 from sdlora.formats.modules import build_adapter
 
 LIST_LIMIT = 20  # keys named in an error message
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -210,6 +212,8 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
             raise UnmatchedKeysError(msg + ". Nothing was loaded; pass allow_partial=True to load the rest anyway")
         warnings.warn(msg + f" (loaded the other {len(patches)} modules)", stacklevel=2)
     algorithms = {ad.algorithm for ad in patches.values()}
-    return LoraFile(patches=patches, family=fam, format=_format_name(parsed, algorithms, header.metadata),
-                    metadata=dict(header.metadata), embeddings=embeddings, unmatched=unmatched, path=path,
-                    family_evidence=evidence, container=header.container, misfits=misfits)
+    lf = LoraFile(patches=patches, family=fam, format=_format_name(parsed, algorithms, header.metadata),
+                  metadata=dict(header.metadata), embeddings=embeddings, unmatched=unmatched, path=path,
+                  family_evidence=evidence, container=header.container, misfits=misfits)
+    log.info("%s%s", where, lf.summary())  # matched modules per component, on every load
+    return lf
