@@ -1,16 +1,18 @@
 """`sdlora mix` (several weighted LoRAs -> one LoRA file) and `sdlora fuse` (-> a diffusers folder).
 
 mix, exact: when every input module is plain LoRA/LoCon and no rank is asked for, ranks are
-concatenated: up' = [s₁·scale₁·U₁ | s₂·scale₂·U₂ | …], down' = [D₁; D₂; …], alpha' = Σr (scale 1),
-so up'·down' = Σ s_k·ΔW_k exactly (kohya-ss/sd-scripts#839). The sign of a negative weight goes on
+concatenated: up' = [s₁·scale₁·U₁ | s₂·scale₂·U₂ | …], down' = [D₁; D₂; …], so up'·down' = Σ s_k·ΔW_k
+exactly (kohya-ss/sd-scripts#839). The sign of a negative weight goes on
 the up side. A Tucker `lora_mid` is folded into its down matrix (mid·down is again a conv kernel),
 so LoCon files with and without mid concatenate too.
 mix, SVD (`--rank R`, or any LoHa/LoKr/full input): the summed ΔW of each module is truncated to
-rank R by SVD; up = U·√S, down = √S·Vh, alpha = rank. Unlike kohya's svd_merge_lora there is no
+rank R by SVD; up = U·√S, down = √S·Vh. Unlike kohya's svd_merge_lora there is no
 0.99-quantile clamp of U and Vh: the clamp moves the result away from the best rank-R approximation
 and only guarded fp16 range, which the √S split already keeps small. When all inputs are low-rank
 the SVD is taken of the small core of the concatenated factors (QR first), which is exact and fast.
 DoRA cannot be merged without the base weights it rescales: bake it with `fuse` instead.
+Every module of the written file has the same alpha (the largest rank; up is scaled by r/alpha to
+match), because diffusers mis-scales kohya files whose alphas differ between modules.
 
 fuse works on the folder's safetensors files directly: each touched tensor is recomputed from the
 stored value (fp32, cast back to the file's dtype); every other tensor and file is copied as is.
@@ -71,11 +73,25 @@ def _factors(ad: LoRA, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _as_lora(up: torch.Tensor, down: torch.Tensor, shape: tuple) -> LoRA:
-    """A LoRA of scale 1 in the target's layout (conv: up [out, r, 1, 1], down [r, in, kh, kw])."""
+    """A LoRA with ΔW = up @ down (scale 1), in the target's layout (conv: up [out, r, 1, 1])."""
     r = down.shape[0]
     if len(shape) == 4:
         return LoRA(up.reshape(shape[0], r, 1, 1).contiguous(), down.reshape(r, *shape[1:]).contiguous(), alpha=r)
     return LoRA(up.contiguous(), down.contiguous(), alpha=r)
+
+
+def _one_alpha(patches: dict[str, LoRA]) -> dict[str, LoRA]:
+    """The same ΔW with one alpha (the largest rank) in every module: up·(r/alpha), scale alpha/r.
+
+    diffusers misreads files whose modules carry different alphas (its `alpha_pattern` keys do not
+    match for kohya names), so a single alpha keeps mixed-rank merges right there too.
+    """
+    if not patches:
+        return patches
+    alpha = max(ad.rank for ad in patches.values())
+    return {p: ad if ad.rank == alpha else
+            LoRA(ad.tensors["up"] * (ad.rank / alpha), ad.tensors["down"], alpha=float(alpha))
+            for p, ad in patches.items()}
 
 
 def _svd_low_rank(up: torch.Tensor, down: torch.Tensor):
@@ -135,6 +151,7 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
             out.modules[comp] = out.modules.get(comp, 0) + 1
             sq_err[comp] = sq_err.get(comp, 0.0) + float((s[r:] ** 2).sum())
             sq_norm[comp] = sq_norm.get(comp, 0.0) + float((s ** 2).sum())
+    out.patches = _one_alpha(out.patches)
     out.errors = {c: math.sqrt(sq_err[c] / sq_norm[c]) if sq_norm[c] > 0 else 0.0 for c in sq_norm}
     return out
 
@@ -157,7 +174,9 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     ranks = {ad.rank for ad in mixed.patches.values()}
     conv_ranks = {ad.rank for ad in mixed.patches.values() if ad.tensors["down"].dim() == 4
                   and ad.tensors["down"].shape[2:] != (1, 1)}
+    alphas = {float(ad.alpha) for ad in mixed.patches.values()}
     dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    alpha = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
     titles = []
     for e in entries:
         meta = getattr(e.source, "metadata", None) or {}
@@ -165,7 +184,7 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
-        "ss_network_alpha": dim,          # alpha = rank in every module: scale 1
+        "ss_network_alpha": alpha,
         "ss_base_model_version": fam.ss_base_model_version,
         "ss_v2": str(mixed.family == "sd2"),
         "ss_output_name": out.stem,
@@ -185,7 +204,7 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     }
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": conv})
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
     return meta
 
 

@@ -41,7 +41,8 @@ def weight(comps, path) -> torch.Tensor:
 
 def write(path, patches, family, configs=None):
     """A kohya file (as kohya/A1111 name things) with kohya's base-model metadata."""
-    save_lora(path, patches, family, unet_config=(configs or tiny_configs(family))["unet"],
+    configs = tiny_configs(family) if configs is None else configs   # {}: the real-size model
+    save_lora(path, patches, family, unet_config=configs.get("unet"),
               metadata={"ss_base_model_version": get_family(family).ss_base_model_version})
     return str(path)
 
@@ -72,3 +73,28 @@ def diffusers_fuse(family, comps, files_and_weights):
     pipe.fuse_lora(components=list(comps), adapter_names=names)
     pipe.unload_lora_weights()
     return comps
+
+
+def pipeline_folder(family, path, dtype=torch.float32, seed=0):
+    """A complete tiny diffusers pipeline saved at `path` (tiny VAE, real CLIP tokenizer files)."""
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from transformers import CLIPTokenizer
+
+    from sdlora.families import CONFIG_DIR, load_config
+    comps = components(family)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                        layers_per_block=1).eval()
+    tok = CLIPTokenizer.from_pretrained(CONFIG_DIR / "tokenizer")
+    sched = PNDMScheduler.from_config(load_config(family, "scheduler"))
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=comps["text_encoder"], text_encoder_2=comps["text_encoder_2"],
+                                         tokenizer=tok, tokenizer_2=tok, unet=comps["unet"], scheduler=sched)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=comps["text_encoder"], tokenizer=tok, unet=comps["unet"],
+                                       scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.to(dtype)
+    pipe.save_pretrained(path)
+    return path
