@@ -39,7 +39,7 @@ from sdlora.errors import SdloraError
 from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
 from sdlora.formats.writer import atomic_save_file, lora_state_dict
 from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
-                           fused_weight, load_sources, plan)
+                           fused_weight, is_plain_lora, load_sources, lora_factors, plan)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,20 +56,6 @@ class MixedLora:
     errors: dict[str, float] = field(default_factory=dict)   # component -> relative Frobenius error
     modules: dict[str, int] = field(default_factory=dict)    # component -> modules written
     dtype: torch.dtype = torch.float32                  # the inputs' common dtype (fp32 when mixed)
-
-
-def _is_plain(ad) -> bool:
-    return isinstance(ad, LoRA) and ad.algorithm in ("lora", "locon")
-
-
-def _factors(ad: LoRA, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, in·k]) in fp32 with the scale left out; a Tucker mid folded into down."""
-    up, down = ad.tensors["up"].float(), ad.tensors["down"].float()
-    r = down.shape[0]
-    up = up.reshape(up.shape[0], r)
-    if "mid" in ad.tensors:
-        down = torch.einsum("mnhw,nj->mjhw", ad.tensors["mid"].float(), down.reshape(r, -1))
-    return up, down.reshape(r, -1)
 
 
 def _as_lora(up: torch.Tensor, down: torch.Tensor, shape: tuple) -> LoRA:
@@ -117,9 +103,8 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
     check_fit(entries, loras, lambda p: table[p].shape if p in table else None,
               get_family(family).components, target.unet_config)
     _refuse_unmergeable(entries, loras, recipes)
-    all_plain = all(_is_plain(ad) for r in recipes.values() for ad, _ in r)
-    if rank is None and not all_plain:
-        algos = sorted({ad.algorithm for r in recipes.values() for ad, _ in r if not _is_plain(ad)})
+    algos = sorted({ad.algorithm for r in recipes.values() for ad, _ in r if not is_plain_lora(ad)})
+    if rank is None and algos:
         raise SdloraError(f"the inputs contain {', '.join(algos)} modules, which cannot be concatenated into a "
                           "plain LoRA exactly; pass --rank R to merge them by SVD")
     dtypes = {t.dtype for lf in loras for ad in lf.patches.values() for t in ad.tensors.values()
@@ -132,8 +117,8 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
         for path, recipe in recipes.items():
             shape = tuple(table[path].shape)
             comp = path.partition(".")[0]
-            if all(_is_plain(ad) for ad, _ in recipe):
-                ups, downs = zip(*(_factors(ad, shape) for ad, _ in recipe))
+            if all(is_plain_lora(ad) for ad, _ in recipe):
+                ups, downs = zip(*(lora_factors(ad) for ad, _ in recipe))
                 up = torch.cat([u * (s * ad.scale) for u, (ad, s) in zip(ups, recipe)], dim=1)
                 down = torch.cat(downs, dim=0)
                 if rank is None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from sdlora.adapters import LoRA
 from sdlora.blocks import BlockSpec, block_weight, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
 from sdlora.families import COMPONENTS, family_of_unet_config, get_family, live_path, load_config
@@ -213,13 +214,44 @@ def check_fit(entries: Sequence[MixEntry], loras: Sequence, shape_of: Callable[[
                     "The LoRA was probably made for another model (family or size); nothing was changed")
 
 
-def fused_weight(w0: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """W0 + Σ s·ΔW (additive, in order), then the non-additive adapters in order; fp32."""
-    base = w0.to(torch.float32)
-    acc = base.clone()
+def is_plain_lora(ad) -> bool:
+    return isinstance(ad, LoRA) and ad.algorithm in ("lora", "locon")
+
+
+def lora_factors(ad: LoRA, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up [out, r], down [r, in·kh·kw]) in fp32 of a plain LoRA/LoCon, scale not applied.
+
+    A Tucker `mid` is folded into down (mid·down is again a conv kernel), so ΔW = scale·up @ down.
+    """
+    up, down, mid = (ad.tensors[k].to(device=device, dtype=torch.float32) if k in ad.tensors else None
+                     for k in ("up", "down", "mid"))
+    r = down.shape[0]
+    if mid is not None:
+        down = torch.einsum("mnhw,nj->mjhw", mid, down.reshape(r, -1))
+    return up.reshape(up.shape[0], r), down.reshape(r, -1)
+
+
+def fused_weight(w0: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W0 + Σ s·ΔW (additive adapters), then the non-additive ones in order; fp32, W0's device.
+
+    Plain LoRAs are summed in one matmul of their concatenated factors straight into the copy of
+    W0 (one pass over the weight instead of one ΔW temporary per LoRA). `out` (fp32, W0's shape,
+    not W0 itself) receives the additive result in place; the returned tensor is the final one.
+    """
+    acc = out.copy_(w0) if out is not None else w0.to(torch.float32, copy=True)
+    ups, downs, base = [], [], None
     for ad, s in recipe:
-        if ad.additive:
+        if not ad.additive:
+            continue
+        if is_plain_lora(ad):
+            up, down = lora_factors(ad, acc.device)
+            ups.append(up * (s * ad.scale))
+            downs.append(down)
+        else:
+            base = w0.to(torch.float32) if base is None else base
             acc.add_(ad.delta(base), alpha=s)
+    if ups:
+        acc.view(acc.shape[0], -1).addmm_(torch.cat(ups, dim=1), torch.cat(downs, dim=0))
     for ad, s in recipe:
         if not ad.additive:
             acc = ad.apply(acc, s)
@@ -366,7 +398,12 @@ class Mixer:
         w0 = self._weights.get(path)
         if w0 is None:
             w0 = self._weights[path] = w.detach().to(self.backup_device or w.device, copy=True)
-        w.copy_(fused_weight(w0.to(w.device), recipe))
+        if w.dtype == torch.float32:   # computed in place: no temporary of the weight's size
+            new = fused_weight(w0.to(w.device), recipe, out=w)
+            if new is not w:
+                w.copy_(new)
+        else:
+            w.copy_(fused_weight(w0.to(w.device), recipe))
         b0 = self._biases[path] if path in self._biases else mod.bias
         deltas = bias_deltas(None if b0 is None else b0.to(w.device), recipe)
         if deltas:
