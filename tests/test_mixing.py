@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lora_shim
-from mix_helpers import attention_paths, components, diffusers_fuse, modules, state, weight, write
+from mix_helpers import attention_paths, components, diffusers_fuse, diffusers_pipe, modules, state, weight, write
 from sdlora.adapters import Adapter, LoRA
-from sdlora.blocks import parse_lbw
+from sdlora.blocks import LISTS, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
 from sdlora.mixing import LoraCache, MixEntry, Mixer, split_weight
 from tiny import tiny_configs
@@ -54,20 +54,32 @@ def test_matches_diffusers_per_component_weights(tmp_path, family):
     assert len(changed) == len(attention_paths(comps))  # every LoRA module and nothing else
 
 
-def test_block_weights_match_diffusers_block_scales(tmp_path):
-    """SD1 attention-only LoRA: LBW 17-list vs diffusers' per-transformer UNet scales."""
-    family = "sd1"
+# LBW slot -> diffusers' per-transformer UNet scale position, by hand from lora-formats.md §3/§7
+DIFFUSERS_BLOCKS = {
+    "sd1": ({"block_0": ["IN01", "IN02"], "block_1": ["IN04", "IN05"], "block_2": ["IN07", "IN08"]},
+            {"block_1": ["OUT03", "OUT04", "OUT05"], "block_2": ["OUT06", "OUT07", "OUT08"],
+             "block_3": ["OUT09", "OUT10", "OUT11"]}),
+    "sdxl": ({"block_1": ["IN04", "IN05"], "block_2": ["IN07", "IN08"]},
+             {"block_0": ["OUT00", "OUT01", "OUT02"], "block_1": ["OUT03", "OUT04", "OUT05"]}),
+}
+
+
+@pytest.mark.parametrize("family, lbw", [
+    ("sd1", [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, -0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]),
+    ("sdxl", [0.9, 0.1, 0.2, -0.3, 0.4, 0.5, 0.6, 0.7, 0.8, -0.9, 1.0, 1.1]),
+])
+def test_block_weights_match_diffusers_block_scales(tmp_path, family, lbw):
+    """Attention-only LoRA with an LBW list (17 for SD1, 12 for SDXL) vs diffusers' UNet block scales."""
     comps, ref = components(family), components(family)
     (f0, _), = _files(tmp_path, family, comps, n=1)
-    lbw = [0.9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, -0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]
-    Mixer(comps, cache=LoraCache()).apply([MixEntry(f0, unet=0.5, text_encoder=2.0, blocks=lbw)])
-    s = dict(zip(["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] +
-                 [f"OUT{i:02d}" for i in range(3, 12)], lbw))
-    unet_scales = {"down": {f"block_{i}": [0.5 * s[f"IN{3 * i + 1:02d}"], 0.5 * s[f"IN{3 * i + 2:02d}"]]
-                            for i in range(3)},
-                   "mid": 0.5 * s["M00"],
-                   "up": {f"block_{i}": [0.5 * s[f"OUT{3 * i + j:02d}"] for j in range(3)] for i in (1, 2, 3)}}
-    diffusers_fuse(family, ref, [(f0, {"unet": unet_scales, "text_encoder": 2.0 * s["BASE"]})])
+    Mixer(diffusers_pipe(family, comps), cache=LoraCache()).apply(
+        [MixEntry(f0, unet=0.5, text_encoder=2.0, blocks=",".join(map(str, lbw)))])
+    s = dict(zip(LISTS[len(lbw)], lbw))
+    down, up = DIFFUSERS_BLOCKS[family]
+    unet_scales = {"down": {b: [0.5 * s[x] for x in slots] for b, slots in down.items()}, "mid": 0.5 * s["M00"],
+                   "up": {b: [0.5 * s[x] for x in slots] for b, slots in up.items()}}
+    te = {c: 2.0 * s["BASE"] for c in comps if c != "unet"}
+    diffusers_fuse(family, ref, [(f0, {"unet": unet_scales, **te})])
     got, want = state(comps), state(ref)
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -110,12 +122,12 @@ def test_restore_is_bit_identical_and_values_computed_in_fp32(dtype):
     a = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths, seed=1), "sd1")
     b = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths[::2], seed=2), "sd1")
     mix = [MixEntry(a, unet=0.6, text_encoder=0.3), MixEntry(b, unet=-1.0, text_encoder=-1.0)]
-    mixer = Mixer(comps)
+    mixer = Mixer(comps, backup_device="cpu" if dtype == torch.float32 else None)  # both backup placements
     mixer.apply(mix)
     # the same weights upcast to fp32 and mixed there: one rounding of that is what we must hold
     wide = {k: v.float() for k, v in components("sd1", dtype).items()}
+    base = {p: weight(wide, p).detach().clone() for p in paths}   # fp32 upcast of the pristine weights
     Mixer(wide).apply(mix)
-    base = {p: weight(components("sd1", dtype), p).detach() for p in paths}
     want = _expected(base, {p: [(a.patches[p], 0.6 if p.startswith("unet.") else 0.3)] +
                             ([(b.patches[p], -1.0)] if p in b.patches else []) for p in paths})
     for p in paths:
