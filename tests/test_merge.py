@@ -284,3 +284,19 @@ def test_fuse_refuses_overwrite_and_fails_cleanly(tmp_path, capsys):
     assert fuse(base, out, [MixEntry(a)], overwrite=True) == {"unet": 3}
     assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_fuse_finds_text_encoder_weights_saved_by_transformers_4(tmp_path):
+    """Folders from the hub name CLIP tensors `text_model.encoder...` (transformers 4.x); patch those."""
+    from safetensors.torch import save_file
+    base = pipeline_folder("sd1", tmp_path / "base")
+    te_file = base / "text_encoder" / "model.safetensors"
+    save_file({"text_model." + k: v for k, v in _tensors(te_file).items()}, str(te_file), metadata={"format": "pt"})
+    comps = components("sd1")
+    paths = [p for p in attention_paths(comps) if p.startswith("text_encoder.")]
+    a = write(tmp_path / "a.safetensors", lora_shim.random_lora(comps, paths, seed=1), "sd1")
+    assert fuse(base, tmp_path / "out", [MixEntry(a, text_encoder=-0.7)]) == {"text_encoder": len(paths)}
+    Mixer(comps, cache=LoraCache()).apply([MixEntry(a, text_encoder=-0.7)])
+    new = _tensors(tmp_path / "out" / "text_encoder" / "model.safetensors")
+    for p in paths:
+        assert torch.equal(new[p.partition(".")[2] + ".weight"], weight(comps, p)), p
