@@ -223,8 +223,8 @@ def _folder_target(base: Path) -> Target:
     return Target(family, configs)
 
 
-def _file_keys(comp_dir: Path) -> dict[str, list[tuple[Path, str]]]:
-    """tensor name -> [(file, name)] over every safetensors file (variants and shards) of a component."""
+def _file_keys(comp_dir: Path) -> dict[str, list[Path]]:
+    """tensor name -> files holding it, over every safetensors file (variants, shards) of a component."""
     keys: dict[str, list] = {}
     for f in sorted(comp_dir.glob("*.safetensors")):
         with safe_open(str(f), "pt") as sf:
@@ -242,15 +242,16 @@ def _tensor_names(path: str) -> list[str]:
     return names
 
 
-def _locate(recipes, target: Target, base: Path):
-    """canonical path -> (module name in the files, files holding its weight); shapes for check_fit."""
+def _locate(paths, recipes, target: Target, base: Path):
+    """canonical path -> (module name in the files, files with its weight, files with its bias), and
+    its weight shape (for check_fit), for every module of the LoRAs."""
     keys = {comp: _file_keys(base / comp) for comp in target.configs}
     where, shapes = {}, {}
     for comp, ks in keys.items():
         if not ks and any(p.startswith(comp + ".") for p in recipes):
             raise SdloraError(f"{base / comp} has no .safetensors weights (only .bin?); convert the folder with "
                               "`pipe.save_pretrained(folder, safe_serialization=True)` and fuse again")
-    for path in recipes:
+    for path in paths:
         comp = path.partition(".")[0]
         for name in _tensor_names(path):
             files = keys.get(comp, {}).get(name + ".weight")
@@ -279,7 +280,7 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
         raise SdloraError(f"cannot write {out}: folder {out.parent} does not exist")
     loras = load_sources(entries, target.family, target.configs, cache or DEFAULT_CACHE)
     recipes = plan(entries, loras, target.unet_config)
-    where, shapes = _locate(recipes, target, base)
+    where, shapes = _locate({p for lf in loras for p in lf.patches}, recipes, target, base)
     check_fit(entries, loras, shapes.get, tuple(target.configs), target.unet_config)
 
     # file -> {tensor name: recipe}; bias deltas need a bias tensor in the same file

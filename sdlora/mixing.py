@@ -3,10 +3,14 @@
 W' = W0 + Σ_k s_k·ΔW_k for additive adapters (in entry order), then the non-additive ones (DoRA)
 in entry order on top of that, always starting from the pristine W0. s_k is the entry's UNet or
 text-encoder multiplier (A1111 `unet_multiplier` / `te_multiplier`) times its block weight.
-Computation is fp32 on the weight's device; the result is cast to the weight's dtype and copied
-into the existing parameter, so inference afterwards runs the unmodified forward at base speed.
+Computation is fp32 on the weight's device; the result is cast to the weight's dtype and becomes
+the parameter's data (same Parameter object, no hooks), so inference runs the unmodified forward
+at base speed.
 
-Only weights a mix touches are backed up (on `backup_device`, CPU by default as in A1111).
+Only weights a mix touches are backed up. When the backup lives on the weight's device (CPU
+models; `backup_device=None`), the base tensor itself is kept and the patched weight gets new
+memory, so neither apply nor restore copies the base (ComfyUI does the same). For a CUDA model
+the default keeps a CPU copy instead (A1111's choice), so a mix costs no extra VRAM.
 Changing a mix rewrites only the modules whose list of (adapter, strength) changed; the result is
 always what a fresh apply onto the base would give, whatever the history. LoRA files are parsed
 once and kept in a bounded CPU cache keyed by path, size and mtime.
@@ -114,7 +118,7 @@ class LoraCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key][0]
-        lora = self.reader(real, family, configs)
+        lora = self.reader(os.fspath(path), family, configs)
         self.reads += 1
         for old in [k for k in self._entries if k[0] == real and k[3:] == key[3:]]:
             del self._entries[old]   # an older version of the same file
@@ -234,28 +238,35 @@ def lora_factors(ad: LoRA, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 def fused_weight(w0: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
     """W0 + Σ s·ΔW (additive adapters), then the non-additive ones in order; fp32, W0's device.
 
-    Plain LoRAs are summed in one matmul of their concatenated factors straight into the copy of
-    W0 (one pass over the weight instead of one ΔW temporary per LoRA). `out` (fp32, W0's shape,
-    not W0 itself) receives the additive result in place; the returned tensor is the final one.
+    Plain LoRAs are summed in one matmul of their concatenated factors added to W0 in the same
+    pass (no ΔW temporary per LoRA). `out` (fp32, W0's shape, not W0 itself) receives the
+    additive result; the returned tensor is the final one.
     """
-    acc = out.copy_(w0) if out is not None else w0.to(torch.float32, copy=True)
-    ups, downs, base = [], [], None
+    ups, downs, others = [], [], []
     for ad, s in recipe:
-        if not ad.additive:
-            continue
-        if is_plain_lora(ad):
-            up, down = lora_factors(ad, acc.device)
+        if ad.additive and is_plain_lora(ad):
+            up, down = lora_factors(ad, w0.device)
             ups.append(up * (s * ad.scale))
             downs.append(down)
-        else:
-            base = w0.to(torch.float32) if base is None else base
-            acc.add_(ad.delta(base), alpha=s)
-    if ups:
-        acc.view(acc.shape[0], -1).addmm_(torch.cat(ups, dim=1), torch.cat(downs, dim=0))
+        elif ad.additive:
+            others.append((ad, s))
+    if out is None:
+        out = torch.empty(w0.shape, dtype=torch.float32, device=w0.device)
+    flat = out.view(out.shape[0], -1)
+    if ups and w0.dtype == torch.float32:
+        torch.addmm(w0.reshape(flat.shape), torch.cat(ups, dim=1), torch.cat(downs, dim=0), out=flat)
+    else:
+        out.copy_(w0)
+        if ups:
+            flat.addmm_(torch.cat(ups, dim=1), torch.cat(downs, dim=0))
+    if others:
+        base = w0.to(torch.float32)
+        for ad, s in others:
+            out.add_(ad.delta(base), alpha=s)
     for ad, s in recipe:
         if not ad.additive:
-            acc = ad.apply(acc, s)
-    return acc
+            out = ad.apply(out, s)
+    return out
 
 
 def bias_deltas(b0: torch.Tensor | None, recipe: Recipe) -> list[tuple[torch.Tensor, float]]:
@@ -268,6 +279,11 @@ def fused_bias(b0: torch.Tensor | None, deltas, like: torch.Tensor) -> torch.Ten
     for d, s in deltas:
         acc.add_(d.to(acc.device), alpha=s)
     return acc
+
+
+def _copy(t: torch.Tensor, device) -> torch.Tensor:
+    """A copy of t on device (default: t's). empty+copy_: `Tensor.to(copy=True)` is several times slower on CPU."""
+    return torch.empty_like(t, device=device or t.device).copy_(t.detach())
 
 
 def _recipe_key(recipe: Recipe | None):
@@ -395,21 +411,32 @@ class Mixer:
     def _write(self, path: str, recipe: Recipe) -> None:
         mod = self._module(path)
         w = mod.weight
-        w0 = self._weights.get(path)
-        if w0 is None:
-            w0 = self._weights[path] = w.detach().to(self.backup_device or w.device, copy=True)
-        if w.dtype == torch.float32:   # computed in place: no temporary of the weight's size
-            new = fused_weight(w0.to(w.device), recipe, out=w)
-            if new is not w:
-                w.copy_(new)
+        fresh = path not in self._weights
+        if fresh:
+            if self.backup_device is None or torch.device(self.backup_device) == w.device:
+                # the base tensor itself is the backup (as ComfyUI does): the patched weight goes
+                # into new memory, and restore just puts the base tensor back. No copy either way.
+                self._weights[path] = w.detach()
+                target = torch.empty_like(w)
+            else:
+                self._weights[path] = _copy(w, self.backup_device)
+                fresh, target = False, w
         else:
-            w.copy_(fused_weight(w0.to(w.device), recipe))
+            target = w
+        w0 = self._weights[path].to(w.device)
+        if target.dtype == torch.float32:
+            new = fused_weight(w0, recipe, out=target)
+            if new is not target:
+                target.copy_(new)
+        else:
+            target.copy_(fused_weight(w0, recipe))
+        if fresh:
+            w.data = target
         b0 = self._biases[path] if path in self._biases else mod.bias
         deltas = bias_deltas(None if b0 is None else b0.to(w.device), recipe)
         if deltas:
             if path not in self._biases:
-                self._biases[path] = None if mod.bias is None else \
-                    mod.bias.detach().to(self.backup_device or w.device, copy=True)
+                self._biases[path] = None if mod.bias is None else _copy(mod.bias, self.backup_device)
                 if mod.bias is None:
                     mod.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
                                                   requires_grad=False)
@@ -419,7 +446,11 @@ class Mixer:
 
     def _restore_module(self, path: str) -> None:
         mod = self._module(path)
-        mod.weight.copy_(self._weights.pop(path))
+        w0, w = self._weights.pop(path), mod.weight
+        if w0.device == w.device and w0.dtype == w.dtype and w0.shape == w.shape:
+            w.data = w0           # the base tensor itself (or a same-device copy)
+        else:
+            w.copy_(w0)           # backup kept elsewhere (CPU for a CUDA model), or the model moved
         if path in self._biases:
             self._restore_bias(path, mod)
         self._recipes.pop(path, None)

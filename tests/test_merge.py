@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import lora_shim
-from mix_helpers import attention_paths, components, diffusers_fuse, pipeline_folder, state, weight, write
+from mix_helpers import attention_paths, components, diffusers_fuse, pipeline_folder, weight, write
 from sdlora import cli
 from sdlora.adapters import Adapter, LoRA
 from sdlora.errors import FamilyMismatchError, SdloraError
@@ -281,6 +281,7 @@ def test_fuse_refuses_overwrite_and_fails_cleanly(tmp_path, capsys):
         fuse(tmp_path, tmp_path / "new", [MixEntry(a)])
     with pytest.raises(SdloraError, match="inside it"):
         fuse(base, base / "sub", [MixEntry(a)])
+    assert fuse(base, out, [MixEntry(a, unet=0.0)], overwrite=True) == {}      # a zero weight: plain copy
     assert fuse(base, out, [MixEntry(a)], overwrite=True) == {"unet": 3}
     assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
     assert sorted(os.listdir(tmp_path)) == before
