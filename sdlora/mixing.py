@@ -219,7 +219,8 @@ def check_fit(entries: Sequence[MixEntry], loras: Sequence, shape_of: Callable[[
 
 
 def is_plain_lora(ad) -> bool:
-    return isinstance(ad, LoRA) and ad.algorithm in ("lora", "locon")
+    """A LoRA/LoCon whose ΔW is exactly scale·up @ down (no A1111 weight-sized `bias` offset)."""
+    return isinstance(ad, LoRA) and ad.algorithm in ("lora", "locon") and "bias" not in ad.tensors
 
 
 def lora_factors(ad: LoRA, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -278,8 +278,8 @@ def test_non_additive_after_additive_sum_and_bias_deltas():
     mixer.apply([MixEntry(scale, unet=0.5), MixEntry(lora, unet=-0.7)])   # rowscale listed first
     want_q = (w_q + -0.7 * lo[q].delta(w_q)) * (1 + 0.5 * rs.tensors["v"])[:, None]
     torch.testing.assert_close(mod_q.weight, want_q, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(mod_q.bias, -0.7 * lo[q].tensors["bias"])             # created
-    torch.testing.assert_close(mod_out.bias, b_out - 0.7 * lo[out].tensors["bias"])
+    torch.testing.assert_close(mod_q.bias, -0.7 * lo[q].bias_delta(None))             # created
+    torch.testing.assert_close(mod_out.bias, b_out - 0.7 * lo[out].bias_delta(b_out))
     mixer.apply([MixEntry(lora, unet=0.0), MixEntry(scale, unet=1.0)])   # bias part gone
     assert mod_q.bias is None and torch.equal(mod_out.bias, b_out) and torch.equal(mod_out.weight, w_out)
     mixer.restore()
