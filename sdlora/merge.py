@@ -1,0 +1,400 @@
+"""`sdlora mix` (several weighted LoRAs -> one LoRA file) and `sdlora fuse` (-> a diffusers folder).
+
+mix, exact: when every input module is plain LoRA/LoCon and no rank is asked for, ranks are
+concatenated: up' = [s₁·scale₁·U₁ | s₂·scale₂·U₂ | …], down' = [D₁; D₂; …], so up'·down' = Σ s_k·ΔW_k
+exactly (kohya-ss/sd-scripts#839). The sign of a negative weight goes on
+the up side. A Tucker `lora_mid` is folded into its down matrix (mid·down is again a conv kernel),
+so LoCon files with and without mid concatenate too.
+mix, SVD (`--rank R`, or any LoHa/LoKr/full input): the summed ΔW of each module is truncated to
+rank R by SVD; up = U·√S, down = √S·Vh. Unlike kohya's svd_merge_lora there is no
+0.99-quantile clamp of U and Vh: the clamp moves the result away from the best rank-R approximation
+and only guarded fp16 range, which the √S split already keeps small. When all inputs are low-rank
+the SVD is taken of the small core of the concatenated factors (QR first), which is exact and fast.
+DoRA cannot be merged without the base weights it rescales: bake it with `fuse` instead.
+Every module of the written file has the same alpha (the largest rank; up is scaled by r/alpha to
+match), because diffusers mis-scales kohya files whose alphas differ between modules.
+
+fuse works on the folder's safetensors files directly: each touched tensor is recomputed from the
+stored value (fp32, cast back to the file's dtype); every other tensor and file is copied as is.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
+
+from sdlora.adapters import LoRA
+from sdlora.errors import SdloraError
+from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
+from sdlora.formats.writer import atomic_save_file, lora_state_dict
+from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
+                           fused_weight, is_plain_lora, load_sources, lora_factors, plan)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# mix: several LoRAs -> one
+
+@dataclass
+class MixedLora:
+    patches: dict[str, LoRA]
+    family: str
+    method: str                                         # "concat" | "svd"
+    rank: int | None                                    # requested rank (svd)
+    errors: dict[str, float] = field(default_factory=dict)   # component -> relative Frobenius error
+    modules: dict[str, int] = field(default_factory=dict)    # component -> modules written
+    dtype: torch.dtype = torch.float32                  # the inputs' common dtype (fp32 when mixed)
+
+
+def _as_lora(up: torch.Tensor, down: torch.Tensor, shape: tuple) -> LoRA:
+    """A LoRA with ΔW = up @ down (scale 1), in the target's layout (conv: up [out, r, 1, 1])."""
+    r = down.shape[0]
+    if len(shape) == 4:
+        return LoRA(up.reshape(shape[0], r, 1, 1).contiguous(), down.reshape(r, *shape[1:]).contiguous(), alpha=r)
+    return LoRA(up.contiguous(), down.contiguous(), alpha=r)
+
+
+def _one_alpha(patches: dict[str, LoRA]) -> dict[str, LoRA]:
+    """The same ΔW with one alpha (the largest rank) in every module: up·(r/alpha), scale alpha/r.
+
+    diffusers misreads files whose modules carry different alphas (its `alpha_pattern` keys do not
+    match for kohya names), so a single alpha keeps mixed-rank merges right there too.
+    """
+    if not patches:
+        return patches
+    alpha = max(ad.rank for ad in patches.values())
+    return {p: ad if ad.rank == alpha else
+            LoRA(ad.tensors["up"] * (ad.rank / alpha), ad.tensors["down"], alpha=float(alpha))
+            for p, ad in patches.items()}
+
+
+def _svd_low_rank(up: torch.Tensor, down: torch.Tensor):
+    """SVD of up @ down through QR of the thin factors: (U, S, Vh) of the product, exactly."""
+    qu, ru = torch.linalg.qr(up)
+    qd, rd = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(ru @ rd.T)
+    return qu @ u, s, vh @ qd.T
+
+
+def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str | None = None,
+              configs: dict | None = None, cache: LoraCache | None = None) -> MixedLora:
+    """The weighted sum of several LoRAs as one plain LoRA (exact concat, or SVD to `rank`)."""
+    if rank is not None and rank < 1:
+        raise SdloraError(f"--rank must be at least 1, got {rank}")
+    loras = load_sources(entries, family, configs, cache or DEFAULT_CACHE)
+    family = family or next((getattr(lf, "family", None) for lf in loras), None)
+    if family is None:
+        raise SdloraError("cannot tell the model family of the inputs; pass family='sd1'|'sd2'|'sdxl'")
+    target = Target(family, configs or {})
+    table = module_table(family, configs)
+    recipes = plan(entries, loras, target.unet_config)
+    check_fit(entries, loras, lambda p: table[p].shape if p in table else None,
+              get_family(family).components, target.unet_config)
+    _refuse_unmergeable(entries, loras, recipes)
+    algos = sorted({ad.algorithm for r in recipes.values() for ad, _ in r if not is_plain_lora(ad)})
+    if rank is None and algos:
+        raise SdloraError(f"the inputs contain {', '.join(algos)} modules, which cannot be concatenated into a "
+                          "plain LoRA exactly; pass --rank R to merge them by SVD")
+    dtypes = {t.dtype for lf in loras for ad in lf.patches.values() for t in ad.tensors.values()
+              if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    out = MixedLora({}, family, "concat" if rank is None else "svd", rank,
+                    dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    sq_err: dict[str, float] = {}
+    sq_norm: dict[str, float] = {}
+    with torch.no_grad():
+        for path, recipe in recipes.items():
+            shape = tuple(table[path].shape)
+            comp = path.partition(".")[0]
+            if all(is_plain_lora(ad) for ad, _ in recipe):
+                ups, downs = zip(*(lora_factors(ad) for ad, _ in recipe))
+                up = torch.cat([u * (s * ad.scale) for u, (ad, s) in zip(ups, recipe)], dim=1)
+                down = torch.cat(downs, dim=0)
+                if rank is None:
+                    out.patches[path] = _as_lora(up, down, shape)
+                    out.modules[comp] = out.modules.get(comp, 0) + 1
+                    continue
+                u, s, vh = _svd_low_rank(up, down)
+            else:
+                zeros = torch.zeros(()).expand(shape)  # additive ΔW needs only W's shape
+                mat = sum(s * ad.delta(zeros) for ad, s in recipe).reshape(shape[0], -1)
+                u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+            r = max(1, min(rank, s.numel()))
+            root = s[:r].sqrt()
+            out.patches[path] = _as_lora(u[:, :r] * root, root[:, None] * vh[:r], shape)
+            out.modules[comp] = out.modules.get(comp, 0) + 1
+            sq_err[comp] = sq_err.get(comp, 0.0) + float((s[r:] ** 2).sum())
+            sq_norm[comp] = sq_norm.get(comp, 0.0) + float((s ** 2).sum())
+    out.patches = _one_alpha(out.patches)
+    out.errors = {c: math.sqrt(sq_err[c] / sq_norm[c]) if sq_norm[c] > 0 else 0.0 for c in sq_norm}
+    return out
+
+
+def _refuse_unmergeable(entries, loras, recipes) -> None:
+    for e, lf in zip(entries, loras):
+        for path, ad in lf.patches.items():
+            if path not in recipes or not any(a is ad for a, _ in recipes[path]):
+                continue
+            if not ad.additive:
+                raise SdloraError(f"{e.name}: {path} is {ad.algorithm}, which rescales the base model's weights, so "
+                                  "it cannot be merged into a LoRA without them; bake it with `sdlora fuse` instead")
+            if ad.bias_delta(torch.zeros(1)) is not None:
+                raise SdloraError(f"{e.name}: {path} changes the layer's bias, which a kohya LoRA file cannot hold; "
+                                  "bake it with `sdlora fuse` instead")
+
+
+def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[str, str]:
+    fam = get_family(mixed.family)
+    ranks = {ad.rank for ad in mixed.patches.values()}
+    conv_ranks = {ad.rank for ad in mixed.patches.values() if ad.tensors["down"].dim() == 4
+                  and ad.tensors["down"].shape[2:] != (1, 1)}
+    alphas = {float(ad.alpha) for ad in mixed.patches.values()}
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    alpha = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
+    titles = []
+    for e in entries:
+        meta = getattr(e.source, "metadata", None) or {}
+        titles.append(meta.get("modelspec.title") or Path(e.name).stem)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_base_model_version": fam.ss_base_model_version,
+        "ss_v2": str(mixed.family == "sd2"),
+        "ss_output_name": out.stem,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": fam.modelspec_architecture,
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if mixed.family == "sdxl"
+                                     else "diffusers"),
+        "modelspec.title": out.stem,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.merged_from": ", ".join(titles),
+        "sdlora_merge": json.dumps({
+            "method": mixed.method, "rank": mixed.rank,
+            "relative_error": mixed.errors,
+            "inputs": [{"file": e.name, "unet": e.unet, "text_encoder": e.text_encoder,
+                        "blocks": e.blocks if isinstance(e.blocks, (str, dict, type(None))) else list(e.blocks)}
+                       for e in entries]}),
+    }
+    if conv_ranks:
+        conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
+        meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
+    return meta
+
+
+def save_mix(path, mixed: MixedLora, entries: list[MixEntry], *, dtype: torch.dtype | None = None,
+             configs: dict | None = None) -> None:
+    """Write the mix as a kohya LoRA file (atomic), with merge metadata and the addnet hash."""
+    path = Path(path)
+    tensors = lora_state_dict(mixed.patches, mixed.family, unet_config=(configs or {}).get("unet"),
+                              dtype=dtype or mixed.dtype)
+    meta = mix_metadata(mixed, entries, path)
+    # sd-webui-additional-networks / A1111 hash: SHA-256 of everything after the header
+    data = safetensors_bytes(tensors)
+    meta["sshs_model_hash"] = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    atomic_save_file(tensors, path, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse: LoRAs baked into a diffusers pipeline folder
+
+def _folder_target(base: Path) -> Target:
+    if not (base / "model_index.json").is_file() or not (base / "unet" / "config.json").is_file():
+        raise SdloraError(f"{base} is not a diffusers pipeline folder (expected model_index.json and "
+                          "unet/config.json); save the model with `pipe.save_pretrained(folder)` first")
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    family = family_of_unet_config(unet)
+    configs = {"unet": unet}
+    for comp in get_family(family).text_encoders:
+        cfg = base / comp / "config.json"
+        if cfg.is_file():
+            configs[comp] = json.loads(cfg.read_text())
+    return Target(family, configs)
+
+
+def _file_keys(comp_dir: Path) -> dict[str, list[Path]]:
+    """tensor name -> files holding it, over every safetensors file (variants, shards) of a component."""
+    keys: dict[str, list] = {}
+    for f in sorted(comp_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                keys.setdefault(k, []).append(f)
+    return keys
+
+
+def _tensor_names(path: str) -> list[str]:
+    """Names a module's weight may have in a saved component (transformers 4.x or 5.x CLIP layout)."""
+    name = path.partition(".")[2]
+    names = [name]
+    if path.partition(".")[0] in TEXT_ENCODERS and name.startswith("text_model."):
+        names.append(name[len("text_model."):])
+    return names
+
+
+def _locate(paths, recipes, target: Target, base: Path):
+    """canonical path -> (module name in the files, files with its weight, files with its bias), and
+    its weight shape (for check_fit), for every module of the LoRAs."""
+    keys = {comp: _file_keys(base / comp) for comp in target.configs}
+    where, shapes = {}, {}
+    for comp, ks in keys.items():
+        if not ks and any(p.startswith(comp + ".") for p in recipes):
+            raise SdloraError(f"{base / comp} has no .safetensors weights (only .bin?); convert the folder with "
+                              "`pipe.save_pretrained(folder, safe_serialization=True)` and fuse again")
+    for path in paths:
+        comp = path.partition(".")[0]
+        for name in _tensor_names(path):
+            files = keys.get(comp, {}).get(name + ".weight")
+            if files:
+                with safe_open(str(files[0]), "pt") as sf:
+                    shapes[path] = tuple(sf.get_slice(name + ".weight").get_shape())
+                where[path] = (name, files, keys[comp].get(name + ".bias", []))
+                break
+    return where, shapes
+
+
+def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device: str = "cpu",
+         cache: LoraCache | None = None, log=print) -> dict[str, int]:
+    """Write a copy of the diffusers folder `base` at `out` with the weighted LoRAs added to its weights.
+
+    Returns the number of tensors patched per component. The folder appears at `out` only when
+    complete (built next to it, then renamed).
+    """
+    base, out = Path(base), Path(out)
+    target = _folder_target(base)
+    if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
+        raise SdloraError(f"output {out} is the base folder or inside it; write to a new folder")
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out} already exists; pass --overwrite to replace it, or pick another folder")
+    if not out.parent.is_dir():
+        raise SdloraError(f"cannot write {out}: folder {out.parent} does not exist")
+    loras = load_sources(entries, target.family, target.configs, cache or DEFAULT_CACHE)
+    recipes = plan(entries, loras, target.unet_config)
+    where, shapes = _locate({p for lf in loras for p in lf.patches}, recipes, target, base)
+    check_fit(entries, loras, shapes.get, tuple(target.configs), target.unet_config)
+
+    # file -> {tensor name: recipe}; bias deltas need a bias tensor in the same file
+    jobs: dict[Path, dict[str, tuple]] = {}
+    for path, recipe in recipes.items():
+        name, files, bias_files = where[path]
+        has_bias = bool(bias_deltas(torch.zeros(shapes[path][0]), recipe))
+        for f in files:
+            jobs.setdefault(f, {})[name + ".weight"] = ("weight", recipe)
+            if has_bias:
+                if f not in bias_files:
+                    raise SdloraError(f"{path}: the LoRA changes a bias the model does not have; "
+                                      "it cannot be baked into this folder")
+                jobs[f][name + ".bias"] = ("bias", recipe)
+
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        skipped = _copy_tree(base, tmp, exclude=set(jobs), touched={f.parent for f in jobs})
+        counts: dict[str, int] = {}
+        for f, patches in jobs.items():
+            _patch_file(f, tmp / f.relative_to(base), patches, device)
+            comp = f.parent.name
+            counts[comp] = counts.get(comp, 0) + sum(1 for kind, _ in patches.values() if kind == "weight")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.rename(out, trash / "old")
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(trash / "old", out)   # put the previous folder back
+                raise
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in skipped:
+        log(f"note: left out {f.relative_to(base)} (.bin weights of a component whose safetensors were changed)")
+    return counts
+
+
+def _copy_tree(base: Path, dest: Path, exclude: set[Path], touched: set[Path]) -> list[Path]:
+    """Copy every file (links followed) except `exclude`; stale .bin weights of touched components are left out."""
+    skipped = []
+    for root, dirs, files in os.walk(base, followlinks=True):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        root = Path(root)
+        (dest / root.relative_to(base)).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            src = root / name
+            if src in exclude:
+                continue
+            if root in touched and name.endswith(".bin"):
+                skipped.append(src)
+                continue
+            shutil.copy2(src, dest / src.relative_to(base))
+    return skipped
+
+
+def _patch_file(src: Path, dst: Path, patches: dict[str, tuple], device: str) -> None:
+    with safe_open(str(src), "pt") as sf:
+        meta = sf.metadata()
+        tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+    with torch.no_grad():
+        for key, (kind, recipe) in patches.items():
+            t = tensors[key]
+            if kind == "weight":
+                new = fused_weight(t.to(device), recipe)
+            else:
+                new = fused_bias(t.to(device), bias_deltas(t.to(device), recipe), t)
+            tensors[key] = new.to(dtype=t.dtype, device="cpu")
+    save_file(tensors, str(dst), metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def add_arguments(parser, name: str) -> None:
+    lora_help = ("a LoRA file and its weight (default 1.0; negative allowed), e.g. style.safetensors:0.7; "
+                 "repeat for several")
+    if name == "fuse":
+        parser.add_argument("base", help="diffusers pipeline folder (SD1.x, SD2.x or SDXL)")
+        parser.add_argument("out", help="folder to write (a complete diffusers pipeline)")
+        parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help=lora_help)
+        parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        parser.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, ...); default cpu")
+    else:
+        parser.add_argument("out", help="LoRA file to write (.safetensors, kohya format)")
+        parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help=lora_help)
+        parser.add_argument("--rank", type=int, default=None,
+                            help="merge by SVD to this rank (default: exact, ranks concatenated; needed for "
+                                 "LoHa/LoKr/full inputs)")
+        parser.add_argument("--save-dtype", choices=sorted(DTYPES), default=None,
+                            help="dtype of the written tensors (default: the inputs' dtype, fp32 if they differ)")
+
+
+def run(args) -> int:
+    entries = [MixEntry.parse(spec) for spec in args.lora]
+    if args.command == "fuse":
+        counts = fuse(args.base, args.out, entries, overwrite=args.overwrite, device=args.device)
+        done = ", ".join(f"{c}: {n} weights" for c, n in counts.items()) or "nothing"
+        print(f"wrote {args.out} ({done} patched; everything else copied unchanged)")
+        return 0
+    out = Path(args.out)
+    mixed = mix_loras(entries, rank=args.rank)
+    save_mix(out, mixed, entries, dtype=DTYPES[args.save_dtype] if args.save_dtype else None)
+    total = sum(mixed.modules.values())
+    if mixed.method == "concat":
+        print(f"wrote {out}: exact merge (ranks concatenated), {total} modules")
+    else:
+        print(f"wrote {out}: SVD merge to rank {mixed.rank}, {total} modules; relative error "
+              "(‖sum − merged‖_F / ‖sum‖_F) per component:")
+        for comp, err in mixed.errors.items():
+            print(f"  {comp}: {err:.4g} ({mixed.modules[comp]} modules)")
+    return 0
