@@ -5,6 +5,8 @@ import functools
 import torch
 
 from sdlora.families import canonical_modules, get_family, live_path
+from sdlora.adapters import LoRA
+from sdlora.formats.reader import LoraFile
 from sdlora.formats.writer import save_lora
 from tiny import tiny_components, tiny_configs
 
@@ -98,3 +100,25 @@ def pipeline_folder(family, path, dtype=torch.float32, seed=0):
     pipe.to(dtype)
     pipe.save_pretrained(path)
     return path
+
+
+def random_lora(comps, paths, rank=4, seed=0, alpha=None, scale=0.1):
+    """Plain LoRA adapters for `paths` of live components (conv targets get LoCon shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for path in paths:
+        comp = comps[path.split(".")[0]]
+        w = comp.get_submodule(live_path(comp, path)).weight
+        if w.dim() == 4:
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * scale
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g) * scale
+        else:
+            down = torch.randn(rank, w.shape[1], generator=g) * scale
+            up = torch.randn(w.shape[0], rank, generator=g) * scale
+        out[path] = LoRA(up, down, alpha=alpha if alpha is not None else rank / 2)
+    return out
+
+
+def lora_file(patches, family) -> LoraFile:
+    """An in-memory LoraFile (what read_lora returns) for adapters built by a test."""
+    return LoraFile(patches, family, format="kohya")

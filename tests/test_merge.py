@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import lora_shim
-from mix_helpers import attention_paths, components, diffusers_fuse, pipeline_folder, weight, write
+from mix_helpers import lora_file, random_lora, attention_paths, components, diffusers_fuse, pipeline_folder, weight, write
 from sdlora import cli
+from sdlora.formats import read_lora
 from sdlora.adapters import Adapter, LoRA
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.families import live_path, module_table
@@ -20,8 +20,7 @@ from tiny import tiny_configs
 
 
 @pytest.fixture(autouse=True)
-def _reader(monkeypatch):
-    lora_shim.install(monkeypatch)
+def _fresh_cache():
     DEFAULT_CACHE.clear()
 
 
@@ -45,10 +44,10 @@ class _Full(Adapter):
 def _inputs(tmp_path, comps):
     """Three sd1 LoRA files of different ranks/alphas: attention, LoCon 3×3, a Tucker (lora_mid) LoCon."""
     paths = attention_paths(comps)
-    a = lora_shim.random_lora(comps, paths + CONVS[:2], rank=4, seed=1)
-    b = lora_shim.random_lora(comps, paths[10:] + CONVS[1:], rank=3, seed=2, alpha=1.0)
+    a = random_lora(comps, paths + CONVS[:2], rank=4, seed=1)
+    b = random_lora(comps, paths[10:] + CONVS[1:], rank=3, seed=2, alpha=1.0)
     g = torch.Generator().manual_seed(3)
-    c = {p: ad for p, ad in lora_shim.random_lora(comps, paths[:20], rank=2, seed=4).items()}
+    c = {p: ad for p, ad in random_lora(comps, paths[:20], rank=2, seed=4).items()}
     w = weight(comps, CONVS[0])
     c[CONVS[0]] = LoRA(torch.randn(w.shape[0], 2, 1, 1, generator=g) * 0.1, torch.randn(2, w.shape[1], 1, 1, generator=g),
                        mid=torch.randn(2, 2, 3, 3, generator=g) * 0.3, alpha=1.5)
@@ -120,7 +119,7 @@ def test_mix_svd_is_the_best_rank_r_approximation_and_error_falls(tmp_path):
     comps = components("sd1")
     files, patches = _inputs(tmp_path, comps)
     full_path = attention_paths(comps)[3]
-    full = lora_shim.ShimLoraFile({full_path: _Full(torch.randn(weight(comps, full_path).shape) * 0.01)}, "sd1")
+    full = lora_file({full_path: _Full(torch.randn(weight(comps, full_path).shape) * 0.01)}, "sd1")
     weights = [0.7, -1.3, 0.5]
     entries = [MixEntry(f, unet=s, text_encoder=s) for f, s in zip(files, weights)] + [MixEntry(full, unet=2.0)]
     with pytest.raises(SdloraError, match="--rank"):
@@ -161,14 +160,14 @@ def test_mix_refuses_what_a_lora_file_cannot_hold(tmp_path):
     class _Rescale(_Full):
         algorithm, additive = "dora", False
 
-    dora = lora_shim.ShimLoraFile({p: _Rescale(torch.zeros(weight(comps, p).shape))}, "sd1")
+    dora = lora_file({p: _Rescale(torch.zeros(weight(comps, p).shape))}, "sd1")
     with pytest.raises(SdloraError, match="sdlora fuse"):
         mix_loras([MixEntry(files[0]), MixEntry(dora)], rank=4, configs=tiny_configs("sd1"))
-    biased = lora_shim.ShimLoraFile({p: LoRA(torch.ones(32, 1), torch.ones(1, 32), bias=torch.ones(32))}, "sd1")
+    biased = lora_file({p: LoRA(torch.ones(32, 1), torch.ones(1, 32), bias=torch.ones(32))}, "sd1")
     with pytest.raises(SdloraError, match="bias"):
         mix_loras([MixEntry(biased)], configs=tiny_configs("sd1"))
     xl = components("sdxl")
-    xl_file = lora_shim.ShimLoraFile(lora_shim.random_lora(xl, attention_paths(xl)[:2]), "sdxl")
+    xl_file = lora_file(random_lora(xl, attention_paths(xl)[:2]), "sdxl")
     with pytest.raises(FamilyMismatchError, match="SDXL"):
         mix_loras([MixEntry(files[0]), MixEntry(xl_file)], configs=tiny_configs("sd1"))
 
@@ -198,7 +197,7 @@ def test_cli_mix(tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     assert cli.main(["mix", str(out), "--lora", f"{f0}:0.5", "--lora", f"{f1}:-1"]) == 0
     assert "exact" in capsys.readouterr().out
-    got = lora_shim.read_lora(out, family="sd1")
+    got = read_lora(out, family="sd1")
     for p, ad in got.patches.items():
         zero = torch.zeros(ad.tensors["up"].shape[0], *ad.tensors["down"].shape[1:])
         want = 0.5 * p0[p].delta(zero) - (p1[p].delta(zero) if p in p1 else 0)
@@ -228,8 +227,8 @@ def test_fuse_writes_a_loadable_folder_with_only_lora_weights_changed(tmp_path, 
     base = pipeline_folder(family, tmp_path / "base", dtype)
     comps = components(family)
     paths = attention_paths(comps) + ["unet.conv_in", "unet.up_blocks.1.resnets.0.conv1"]
-    a = write(tmp_path / "a.safetensors", lora_shim.random_lora(comps, paths, seed=1), family)
-    b = write(tmp_path / "b.safetensors", lora_shim.random_lora(comps, paths[::3], seed=2), family)
+    a = write(tmp_path / "a.safetensors", random_lora(comps, paths, seed=1), family)
+    b = write(tmp_path / "b.safetensors", random_lora(comps, paths[::3], seed=2), family)
     out = tmp_path / "out"
     assert cli.main(["fuse", str(base), str(out), "--lora", f"{a}:0.8", "--lora", f"{b}:-0.5"]) == 0
     # the same mix applied live by the Mixer (checked against diffusers in test_mixing) gives the same bits
@@ -265,14 +264,14 @@ def test_fuse_writes_a_loadable_folder_with_only_lora_weights_changed(tmp_path, 
 def test_fuse_refuses_overwrite_and_fails_cleanly(tmp_path, capsys):
     base = pipeline_folder("sd1", tmp_path / "base")
     comps = components("sd1")
-    a = write(tmp_path / "a.safetensors", lora_shim.random_lora(comps, attention_paths(comps)[:3]), "sd1")
+    a = write(tmp_path / "a.safetensors", random_lora(comps, attention_paths(comps)[:3]), "sd1")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert cli.main(["fuse", str(base), str(out), "--lora", a]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
     xl = components("sdxl")
-    bad = write(tmp_path / "xl.safetensors", lora_shim.random_lora(xl, attention_paths(xl)[:2]), "sdxl")
+    bad = write(tmp_path / "xl.safetensors", random_lora(xl, attention_paths(xl)[:2]), "sdxl")
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(FamilyMismatchError):
         fuse(base, tmp_path / "new", [MixEntry(bad)])
@@ -295,7 +294,7 @@ def test_fuse_finds_text_encoder_weights_saved_by_transformers_4(tmp_path):
     save_file({"text_model." + k: v for k, v in _tensors(te_file).items()}, str(te_file), metadata={"format": "pt"})
     comps = components("sd1")
     paths = [p for p in attention_paths(comps) if p.startswith("text_encoder.")]
-    a = write(tmp_path / "a.safetensors", lora_shim.random_lora(comps, paths, seed=1), "sd1")
+    a = write(tmp_path / "a.safetensors", random_lora(comps, paths, seed=1), "sd1")
     assert fuse(base, tmp_path / "out", [MixEntry(a, text_encoder=-0.7)]) == {"text_encoder": len(paths)}
     Mixer(comps, cache=LoraCache()).apply([MixEntry(a, text_encoder=-0.7)])
     new = _tensors(tmp_path / "out" / "text_encoder" / "model.safetensors")

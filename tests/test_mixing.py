@@ -5,25 +5,20 @@ import os
 import pytest
 import torch
 
-import lora_shim
-from mix_helpers import attention_paths, components, diffusers_fuse, diffusers_pipe, modules, state, weight, write
+from mix_helpers import lora_file, random_lora, attention_paths, components, diffusers_fuse, diffusers_pipe, modules, state, weight, write
 from sdlora.adapters import Adapter, LoRA
 from sdlora.blocks import LISTS, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
+from sdlora.formats import read_lora
 from sdlora.mixing import LoraCache, MixEntry, Mixer, split_weight
 from tiny import tiny_configs
-
-
-@pytest.fixture(autouse=True)
-def _reader(monkeypatch):
-    lora_shim.install(monkeypatch)
 
 
 def _files(tmp_path, family, comps, n=2, paths=None, rank=4):
     paths = paths or attention_paths(comps)
     out = []
     for i in range(n):
-        patches = lora_shim.random_lora(comps, paths, rank=rank + i, seed=10 + i)
+        patches = random_lora(comps, paths, rank=rank + i, seed=10 + i)
         out.append((write(tmp_path / f"l{i}.safetensors", patches, family), patches))
     return out
 
@@ -97,7 +92,7 @@ def test_block_weights_resnets_and_outside_modules():
              "unet.up_blocks.0.upsamplers.0.conv", "unet.mid_block.resnets.1.time_emb_proj",
              "unet.time_embedding.linear_1", "unet.conv_out", "text_encoder.text_model.encoder.layers.1.mlp.fc2"]
     slots = ["IN00", "IN01", "IN03", "IN11", "OUT02", "OUT02", "M00", None, None, "BASE"]  # hand-mapped (§3)
-    lora = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths, seed=3), "sd1")
+    lora = lora_file(random_lora(comps, paths, seed=3), "sd1")
     values26 = [round(0.1 * i - 1.0, 2) for i in range(26)]
     lbw26 = dict(zip(["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)],
                      values26))
@@ -119,8 +114,8 @@ def test_restore_is_bit_identical_and_values_computed_in_fp32(dtype):
     comps = components("sd1", dtype)
     before = state(comps)
     paths = attention_paths(comps)
-    a = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths, seed=1), "sd1")
-    b = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths[::2], seed=2), "sd1")
+    a = lora_file(random_lora(comps, paths, seed=1), "sd1")
+    b = lora_file(random_lora(comps, paths[::2], seed=2), "sd1")
     mix = [MixEntry(a, unet=0.6, text_encoder=0.3), MixEntry(b, unet=-1.0, text_encoder=-1.0)]
     mixer = Mixer(comps, backup_device="cpu" if dtype == torch.float32 else None)  # both backup placements
     mixer.apply(mix)
@@ -143,7 +138,7 @@ def test_restore_is_bit_identical_and_values_computed_in_fp32(dtype):
 def test_only_touched_weights_are_backed_up():
     comps = components("sd1")
     paths = attention_paths(comps)
-    lora = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths, seed=1), "sd1")
+    lora = lora_file(random_lora(comps, paths, seed=1), "sd1")
     mixer = Mixer(comps)
     mixer.apply([MixEntry(lora, unet=1.0, text_encoder=0.0)])   # te multiplier 0: te left alone
     unet_paths = {p for p in paths if p.startswith("unet.")}
@@ -156,8 +151,8 @@ def test_only_touched_weights_are_backed_up():
 def test_changing_one_multiplier_recomputes_only_its_modules():
     comps, fresh = components("sd1"), components("sd1")
     paths = attention_paths(comps)
-    a = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths[:40], seed=1), "sd1")
-    b = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths[30:], seed=2), "sd1")
+    a = lora_file(random_lora(comps, paths[:40], seed=1), "sd1")
+    b = lora_file(random_lora(comps, paths[30:], seed=2), "sd1")
     mixer = Mixer(comps)
     first = mixer.apply([MixEntry(a, unet=0.5), MixEntry(b, unet=0.7)])
     assert set(first.updated) == set(paths)
@@ -177,7 +172,7 @@ def test_inference_after_apply_has_no_hooks_and_matches_directly_set_weights():
     base = {p: weight(comps, p).detach().clone() for p in modules(comps)}
     params_before = {id(p) for m in comps.values() for p in m.parameters()}
     paths = attention_paths(comps)
-    lora = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths, seed=4), "sd1")
+    lora = lora_file(random_lora(comps, paths, seed=4), "sd1")
     Mixer(comps).apply([MixEntry(lora, unet=0.8, text_encoder=0.8)])
     want = _expected(base, {p: [(lora.patches[p], 0.8)] for p in paths})
     with torch.no_grad():
@@ -201,12 +196,12 @@ def test_file_cache_reads_each_file_once(tmp_path):
     paths = attention_paths(comps)[:6]
     (f0, _), (f1, _) = _files(tmp_path, "sd1", comps, paths=paths)
     reads = []
-    cache = LoraCache(reader=lambda *a: reads.append(a[0]) or lora_shim.read_lora(a[0], family=a[1], configs=a[2]))
+    cache = LoraCache(reader=lambda *a: reads.append(a[0]) or read_lora(a[0], family=a[1], configs=a[2]))
     mixer = Mixer(comps, cache=cache)
     for mix in ([f0], [f1], [f0, f1], [f0], [f1, f0]):
         mixer.apply([MixEntry(f) for f in mix])
     assert cache.reads == 2 and len(reads) == 2
-    write(f1, lora_shim.random_lora(comps, paths, seed=99), "sd1")    # changed on disk: read again
+    write(f1, random_lora(comps, paths, seed=99), "sd1")    # changed on disk: read again
     os.utime(f1, ns=(1, 1))
     mixer.apply([MixEntry(f1)])
     assert cache.reads == 3
@@ -219,18 +214,18 @@ def test_file_cache_reads_each_file_once(tmp_path):
 def test_failed_apply_leaves_weights_untouched(tmp_path):
     comps = components("sd1")
     paths = attention_paths(comps)
-    good = lora_shim.ShimLoraFile(lora_shim.random_lora(comps, paths, seed=1), "sd1")
+    good = lora_file(random_lora(comps, paths, seed=1), "sd1")
     mixer = Mixer(comps)
     mixer.apply([MixEntry(good, unet=0.5)])
     applied = state(comps)
     xl = components("sdxl")
-    xl_file = write(tmp_path / "xl.safetensors", lora_shim.random_lora(xl, attention_paths(xl)[:4]), "sdxl")
+    xl_file = write(tmp_path / "xl.safetensors", random_lora(xl, attention_paths(xl)[:4]), "sdxl")
     bad_shape = {paths[0]: LoRA(torch.ones(7, 2), torch.ones(2, 5))}
     bad_name = {"unet.down_blocks.0.attentions.0.no_such_layer": LoRA(torch.ones(32, 2), torch.ones(2, 32))}
     cases = [
         ([MixEntry(good), MixEntry(xl_file)], FamilyMismatchError, "SDXL"),
-        ([MixEntry(good), MixEntry(lora_shim.ShimLoraFile(bad_shape, "sd1"))], UnmatchedKeysError, "do not fit"),
-        ([MixEntry(lora_shim.ShimLoraFile(bad_name, "sd1"))], UnmatchedKeysError, "not found"),
+        ([MixEntry(good), MixEntry(lora_file(bad_shape, "sd1"))], UnmatchedKeysError, "do not fit"),
+        ([MixEntry(lora_file(bad_name, "sd1"))], UnmatchedKeysError, "not found"),
         ([MixEntry(good, blocks="1,2,3")], SdloraError, "12, 17, 20 or 26"),
         ([MixEntry(good, unet=float("nan"))], SdloraError, "finite"),
         ([MixEntry(tmp_path / "missing.safetensors")], SdloraError, "not found"),
@@ -272,8 +267,8 @@ def test_non_additive_after_additive_sum_and_bias_deltas():
     lo = {p: LoRA(torch.randn(32, 2, generator=g), torch.randn(2, 32, generator=g), alpha=1.0,
                   bias=torch.randn(32, generator=g)) for p in (q, out)}
     rs = _RowScale(torch.randn(32, generator=g))
-    scale = lora_shim.ShimLoraFile({q: rs}, "sd1")
-    lora = lora_shim.ShimLoraFile(lo, "sd1")
+    scale = lora_file({q: rs}, "sd1")
+    lora = lora_file(lo, "sd1")
     mixer = Mixer(comps)
     mixer.apply([MixEntry(scale, unet=0.5), MixEntry(lora, unet=-0.7)])   # rowscale listed first
     want_q = (w_q + -0.7 * lo[q].delta(w_q)) * (1 + 0.5 * rs.tensors["v"])[:, None]
@@ -293,7 +288,7 @@ def test_cuda_apply_and_restore(dtype):
     before = state(comps)
     paths = attention_paths(comps)
     cpu = components("sd1")
-    lora = lora_shim.ShimLoraFile(lora_shim.random_lora(cpu, paths, seed=1), "sd1")
+    lora = lora_file(random_lora(cpu, paths, seed=1), "sd1")
     mixer = Mixer(comps)
     mixer.apply([MixEntry(lora, unet=0.7, text_encoder=-0.2)])
     p = paths[0]
