@@ -113,7 +113,8 @@ def classify_shape(image) -> str | None:
 # style
 
 FEATURES = ("luma_mean", "luma_std", "sat_mean", "sat_std", "dark_frac", "bright_frac", "grad_mean",
-            "edge_frac", "high_freq", "local_contrast", "n_colours", "colourfulness", "pastel_frac")
+            "edge_frac", "high_freq", "local_contrast", "n_colours", "colourfulness", "pastel_frac",
+            "dark_edge_frac", "spectral_peak", "border_luma")
 
 
 def style_features(image) -> np.ndarray:
@@ -133,25 +134,34 @@ def style_features(image) -> np.ndarray:
     rg, yb = img[..., 0] - img[..., 1], 0.5 * (img[..., 0] + img[..., 1]) - img[..., 2]
     colourful = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
     pastel = ((luma > 0.7) & (sat > 0.12) & (sat < 0.55)).mean()
+    dark_edge = ((luma[:-1, :-1] < 0.2) & (grad > 0.1)).mean()         # dark pixels on edges: outlines
+    ring = spec[(np.hypot(yy, xx) > 4)]
+    peak = np.sort(ring)[-8:].sum() / (ring.sum() + 1e-9)               # a few strong frequencies: screens
+    border = np.median(np.concatenate([luma[0], luma[-1], luma[:, 0], luma[:, -1]]))
     return np.array([luma.mean(), luma.std(), sat.mean(), sat.std(), (luma < 0.15).mean(),
                      (luma > 0.85).mean(), grad.mean(), (grad > 0.1).mean(), high, blocks.mean(),
-                     (hist > 0.01).sum() / 64, colourful, pastel], np.float32)
+                     (hist > 0.01).sum() / 64, colourful, pastel, dark_edge, peak, border], np.float32)
 
 
 @dataclass
 class StyleMetric:
-    """Score = projection of an image's standardized features onto the reference->style direction,
-    scaled so the reference images' mean scores 0 and the style images' mean scores 1."""
+    """Score = projection of an image's features onto the Fisher discriminant direction between
+    reference (base scene) images and style images, scaled so the reference mean scores 0 and
+    the style mean scores 1. The within-class covariance is shrunk towards its diagonal (few style
+    images), with a floor for features that are constant in both sets."""
     reference_mean: np.ndarray
     style_mean: np.ndarray
-    scale: np.ndarray           # pooled standard deviation per feature
+    direction: np.ndarray
 
     @classmethod
-    def fit(cls, style_images, reference_images) -> "StyleMetric":
+    def fit(cls, style_images, reference_images, *, shrink: float = 0.5) -> "StyleMetric":
         s = np.stack([style_features(i) for i in style_images]).astype(np.float64)
         r = np.stack([style_features(i) for i in reference_images]).astype(np.float64)
-        scale = np.sqrt((s.var(0) + r.var(0)) / 2) + 0.02  # floor: features constant in both sets
-        return cls(r.mean(0), s.mean(0), scale)
+        cov = (np.cov(s, rowvar=False) + np.cov(r, rowvar=False)) / 2
+        cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov)) + np.eye(len(cov)) * 1e-4
+        diff = s.mean(0) - r.mean(0)
+        w = np.linalg.solve(cov, diff)
+        return cls(r.mean(0), s.mean(0), w / (w @ diff))
 
     @classmethod
     def for_folder(cls, folder, *, n_reference: int = 200, seed: int = 0) -> "StyleMetric":
@@ -164,9 +174,7 @@ class StyleMetric:
         return cls.fit(images, list(reference))
 
     def score(self, image) -> float:
-        u = (self.style_mean - self.reference_mean) / self.scale
-        z = (style_features(image).astype(np.float64) - self.reference_mean) / self.scale
-        return float(z @ u / (u @ u))
+        return float((style_features(image).astype(np.float64) - self.reference_mean) @ self.direction)
 
     def scores(self, images) -> np.ndarray:
         return np.array([self.score(i) for i in images])
