@@ -9,7 +9,7 @@ SD1.5 key (same blocks, same layers_per_block=2, conv proj_in), only narrower:
   * VAE: AutoencoderKL, 3 blocks of widths (16, 32, 64) (64x64 pixels -> 16x16x4 latents), trained on the procedural scenes
     AND on broad images (colours, gradients, stripes, dots, outlines, glow, noise), so a style LoRA
     can later learn looks the scenes never show;
-  * UNet: UNet2DConditionModel with SD1.5's block types, widths (32, 64, 64, 64), one attention head,
+  * UNet: UNet2DConditionModel with SD1.5's block types, widths (32, 64, 96, 96), one attention head,
     epsilon prediction on SD1.5's noise schedule, min-SNR(5) loss weighting, 10% caption dropout
     (for classifier-free guidance), EMA weights.
 Weights are stored in fp16 (about 15 MB); each component is rounded to fp16 as soon as it is
@@ -41,7 +41,9 @@ TE_WIDTH = 64
 
 def unet_config() -> dict:
     cfg = load_config("sd1", "unet")
-    cfg.update(block_out_channels=[32, 64, 64, 64], layers_per_block=2, cross_attention_dim=TE_WIDTH,
+    # widths grow like SD1.5's (320, 640, 1280, 1280): the same resnets get a conv_shortcut, so the
+    # module set, and every LoRA key, is exactly SD1.5's
+    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=2, cross_attention_dim=TE_WIDTH,
                attention_head_dim=1, sample_size=S.SIZE // 4)
     return cfg
 
@@ -251,9 +253,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--scenes", type=int, default=16000, help="captioned scenes for the UNet (and VAE)")
     p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
-    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--eval-every", type=int, default=1000, help="quick prompt-following check (0: off)")
+    p.add_argument("--vae-cache", type=Path, default=None,
+                   help="load the VAE from this folder if it exists, else save the trained VAE there")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes), not a usable model")
     a = p.parse_args(argv)
     if a.quick:
@@ -269,8 +273,15 @@ def main(argv=None) -> int:
     n_vae_scenes = min(len(images), len(broad))
     log(f"data: {len(images)} scenes, {len(broad)} broad images")
 
-    vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
-                    full_steps=a.vae_steps // 10, lr=2e-3, gen=gen)
+    if a.vae_cache and (a.vae_cache / "config.json").is_file():
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(a.vae_cache).eval().requires_grad_(False)
+        log(f"vae loaded from {a.vae_cache}")
+    else:
+        vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
+                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen)
+        if a.vae_cache:
+            vae.save_pretrained(a.vae_cache)
     val_rng = np.random.default_rng(a.seed + 1)
     val_scenes, _ = S.scenes(val_rng, 256)
     errors = {"scenes": vae_mse(vae, val_scenes), "broad": vae_mse(vae, S.broad_images(val_rng, 256))}
