@@ -145,13 +145,19 @@ def style_features(image) -> np.ndarray:
 
 @dataclass
 class StyleMetric:
-    """Score = projection of an image's features onto the Fisher discriminant direction between
-    reference (base scene) images and style images, scaled so the reference mean scores 0 and
-    the style mean scores 1. The within-class covariance is shrunk towards its diagonal (few style
-    images), with a floor for features that are constant in both sets."""
+    """How much an image looks like a style folder, against the base scenes.
+
+    `score`: projection of the image's features onto the Fisher discriminant direction between
+    reference (base scene) images and style images, scaled so the reference mean scores 0 and the
+    style mean 1 (the within-class covariance is shrunk towards its diagonal: few style images).
+    A linear score also grows for images unlike both sets, so `distance` says how typical an image
+    is of the style: the RMS of its features' z-scores under the style images' own spread (style
+    images score about 1; base scenes and other styles several times more).
+    """
     reference_mean: np.ndarray
     style_mean: np.ndarray
     direction: np.ndarray
+    style_std: np.ndarray
 
     @classmethod
     def fit(cls, style_images, reference_images, *, shrink: float = 0.5) -> "StyleMetric":
@@ -161,7 +167,9 @@ class StyleMetric:
         cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov)) + np.eye(len(cov)) * 1e-4
         diff = s.mean(0) - r.mean(0)
         w = np.linalg.solve(cov, diff)
-        return cls(r.mean(0), s.mean(0), w / (w @ diff))
+        # floor the spread: a feature constant within the style must not make tiny deviations huge
+        style_std = np.maximum(s.std(0), 0.25 * r.std(0) + 0.01)
+        return cls(r.mean(0), s.mean(0), w / (w @ diff), style_std)
 
     @classmethod
     def for_folder(cls, folder, *, n_reference: int = 200, seed: int = 0) -> "StyleMetric":
@@ -176,5 +184,12 @@ class StyleMetric:
     def score(self, image) -> float:
         return float((style_features(image).astype(np.float64) - self.reference_mean) @ self.direction)
 
+    def distance(self, image) -> float:
+        z = (style_features(image).astype(np.float64) - self.style_mean) / self.style_std
+        return float(np.sqrt(np.mean(z ** 2)))
+
     def scores(self, images) -> np.ndarray:
         return np.array([self.score(i) for i in images])
+
+    def distances(self, images) -> np.ndarray:
+        return np.array([self.distance(i) for i in images])

@@ -83,7 +83,7 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
         base = load_folder(path, dtype=dtype)
     elif path.is_file():
         base = load_single_file(path, dtype=dtype, config_root=config_root)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and not str(spec).startswith("."):
+    elif _looks_like_hub_id(str(spec)):
         base = load_hub(str(spec), dtype=dtype)
     else:
         raise FileNotFoundError(f"base model {str(spec)!r} not found: expected a diffusers folder, a "
@@ -94,6 +94,13 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
 
 # ---------------------------------------------------------------------------------------------
 # folders and hub ids
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """"owner/name" that is no local path: not a checkpoint file name, no existing local folder."""
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec) or spec.lower().endswith(CHECKPOINT_EXTS):
+        return False
+    return not Path(spec.split("/")[0]).exists()
+
 
 def _folder_kwargs(index: dict) -> dict:
     # SD1/SD2 pipelines: no safety checker (A1111 has none; it would black out images)

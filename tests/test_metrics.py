@@ -47,6 +47,13 @@ def test_style_metric_separates(style):
     assert abs(on_scenes.mean()) < 0.1 and abs(on_style.mean() - 1) < 0.2   # scaled: scenes 0, style 1
     assert on_style.min() > on_scenes.max() + 0.1                            # every image on its side
     assert on_style.mean() - on_scenes.mean() > 0.8
+    # distance: typical of this style, not of the scenes or of the other styles
+    others = [make_styles.render(o, make_styles.style_scene(o, rng, "red", "circle"))[0]
+              for o in make_styles.STYLES if o != style for _ in range(5)]
+    near = metric.distances(fresh_style).mean()
+    assert near < 1.5
+    assert metric.distances(list(fresh_scenes)).mean() > 2 * near
+    assert metric.distances(others).mean() > 2 * near
 
 
 def test_style_metric_is_deterministic():

@@ -66,11 +66,24 @@ def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images
     return result
 
 
+def vae_report(vae, styles_dir=None) -> dict[str, float]:
+    """VAE reconstruction MSE (pixels in [0, 1]) on fresh scenes, fresh broad images and each style folder."""
+    from sdlora.metrics import load_images
+    from sdlora.training.make_base_model import vae_mse
+    rng = np.random.default_rng(12345)
+    out = {"scenes": vae_mse(vae, S.scenes(rng, 256)[0]), "broad": vae_mse(vae, S.broad_images(rng, 256))}
+    for folder in sorted(d for d in Path(styles_dir).iterdir() if d.is_dir()) if styles_dir else []:
+        images = np.stack([np.asarray(im.resize((S.SIZE, S.SIZE))) for im in load_images(folder)])
+        out[folder.name] = vae_mse(vae, images)
+    return {k: round(v, 5) for k, v in out.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model spec (default: the embedded tiny model)")
     p.add_argument("--seeds", type=int, default=6)
-    p.add_argument("--styles", type=Path, default=None, help="folder of style folders: report style scores")
+    p.add_argument("--styles", type=Path, default=Path("sample_data/styles"),
+                   help="folder of style folders: report VAE error and style scores on them")
     p.add_argument("--grid", type=Path, default=None, help="save a PNG grid of the held-out images")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -81,11 +94,15 @@ def main(argv=None) -> int:
     seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None)
     images = held.pop("_images")
     report = {"held_out_pairs": held, "seen_pairs": seen, "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
+    report["vae_mse"] = vae_report(pipe.vae, a.styles)
     if a.styles:
         from sdlora.metrics import StyleMetric
         for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
-            scores = StyleMetric.for_folder(folder).scores(images)
-            report[f"style_score[{folder.name}]"] = {"mean": float(scores.mean()), "max": float(scores.max())}
+            metric = StyleMetric.for_folder(folder)
+            scores = metric.scores(images)
+            report[f"style[{folder.name}]"] = {"score_mean": round(float(scores.mean()), 3),
+                                               "score_max": round(float(scores.max()), 3),
+                                               "distance_mean": round(float(metric.distances(images).mean()), 3)}
     if a.grid:
         from PIL import Image
         cols = a.seeds
