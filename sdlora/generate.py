@@ -1,0 +1,162 @@
+"""`sdlora generate`: text to image with a base model and any LoRAs, PNGs with A1111 infotext.
+
+    sdlora generate "a red circle on a blue background <lora:neon:0.8>" --seed 1 --batch 4 --out outputs
+
+Seeds are A1111's: image i of a batch uses seed + i, its initial noise drawn by a CPU generator, so
+a seed gives the same picture on every run on the same device (and the noise itself is the same on
+any device). Seed -1 picks a random one, which the infotext records.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlora import __version__
+from sdlora.extra_networks import LoraRef, parse_lora_arg, parse_prompt, resolve
+from sdlora.infotext import PNG_KEY, build, lora_hashes_value
+from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, sampler_name
+
+DEFAULT_STEPS, DEFAULT_CFG = 20, 7.0   # A1111's defaults
+DEFAULT_LORA_DIR = "loras"
+
+
+@dataclass
+class Generated:
+    image: object        # PIL.Image
+    seed: int
+    infotext: str
+
+
+def apply_loras(pipe, loras: list[LoraRef]) -> None:
+    """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights)."""
+    try:
+        from sdlora.mixing import MixEntry, Mixer
+    except ImportError:
+        if not loras:
+            return
+        raise NotImplementedError("waiting for sdlora.mixing") from None
+    mixer = getattr(pipe, "_sdlora_mixer", None)
+    if mixer is None:
+        mixer = Mixer(pipe)
+        pipe._sdlora_mixer = mixer
+    mixer.apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te) for r in loras])
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's `Lora hashes` value: the first 12 hex digits of the addnet hash (safetensors) or of
+    the file's SHA-256 (other files)."""
+    from sdlora.hashes import addnet_hash, file_sha256
+    return (addnet_hash(path) if path.suffix.lower() == ".safetensors" else file_sha256(path))[:12]
+
+
+def native_size(pipe) -> int:
+    """The image side the model was trained at (64 for the tiny model, 512/768/1024 for SD1/SD2/SDXL)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = (), seed: int = -1,
+             steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER,
+             width: int | None = None, height: int | None = None, batch: int = 1, lora_dir=DEFAULT_LORA_DIR,
+             progress: bool = True) -> list[Generated]:
+    """Images for `prompt` on `base` (a pipelines.BaseModel). `<lora:...>` tags in the prompt are
+    looked up in `lora_dir` and applied with `loras` (explicit LoraRefs with paths)."""
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
+    sampler = sampler_name(sampler)
+    text, tags = parse_prompt(prompt)
+    all_loras = resolve(tags, lora_dir) + list(loras)
+    pipe = base.pipe
+    apply_loras(pipe, all_loras)
+    side = native_size(pipe)
+    width, height = width or side, height or side
+    if seed is None or seed < 0:
+        seed = random.randrange(2**32 - 1)
+    seeds = [seed + i for i in range(batch)]
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
+    with torch.no_grad():
+        images = pipe([text] * batch, negative_prompt=[negative] * batch if negative else None,
+                      num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    # the infotext keeps the prompt as written (with its tags) plus tags for --lora LoRAs, as A1111
+    # does, so "reuse parameters" brings the LoRAs back
+    shown = " ".join([prompt] + [r.tag for r in loras]).strip()
+    hashes = lora_hashes_value({r.name: lora_hash(r.path) for r in all_loras}) if all_loras else None
+    out = []
+    for image, s in zip(images, seeds):
+        params = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{cfg:g}", "Seed": s, "Size": f"{width}x{height}",
+                  "Model hash": base.hash, "Model": base.name, "Lora hashes": hashes, "Version": f"sdlora {__version__}"}
+        out.append(Generated(image, s, build(shown, negative, params)))
+    return out
+
+
+def save_png(result: Generated, out_dir) -> Path:
+    """Write `NNNNN-SEED.png` (A1111's naming, numbers continuing the folder's) atomically."""
+    from PIL.PngImagePlugin import PngInfo
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m[1]) for p in out_dir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
+    path = out_dir / f"{max(numbers, default=-1) + 1:05d}-{result.seed}.png"
+    info = PngInfo()
+    info.add_text(PNG_KEY, result.infotext)
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            result.image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+def add_arguments(parser, name: str = "generate") -> None:
+    parser.add_argument("prompt", help="the prompt; <lora:NAME:W> / <lora:NAME:TE:UNET> tags apply LoRAs")
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--base", default=None, metavar="SPEC",
+                        help="base model: a diffusers folder, a .safetensors/.ckpt checkpoint or a hub id "
+                             "(default: the embedded tiny model)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:W]",
+                        help="apply a LoRA file with weight W (or TE:UNET weights); repeatable")
+    parser.add_argument("--loras", default=DEFAULT_LORA_DIR, metavar="DIR",
+                        help=f"folder where <lora:NAME> tags are looked up (default: ./{DEFAULT_LORA_DIR})")
+    parser.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i of a batch uses seed+i")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
+                        help=f"A1111 sampler name (default {DEFAULT_SAMPLER!r}); one of: {', '.join(SAMPLERS)}")
+    parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1, help="images to generate (seeds seed, seed+1, ...)")
+    parser.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: ./outputs)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="default: float16 on CUDA, float32 on CPU")
+
+
+def run(args) -> int:
+    from diffusers.utils import logging as diffusers_logging
+    from sdlora.pipelines import load_base
+    diffusers_logging.set_verbosity_error()
+    sampler = sampler_name(args.sampler)          # validate everything before loading anything
+    loras = [parse_lora_arg(s) for s in args.lora]
+    _, tags = parse_prompt(args.prompt)
+    resolve(tags, args.loras)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
+    base = load_base(args.base, device=device, dtype=dtype)
+    results = generate(base, args.prompt, negative=args.negative, loras=loras, seed=args.seed, steps=args.steps,
+                       cfg=args.cfg, sampler=sampler, width=args.width, height=args.height, batch=args.batch,
+                       lora_dir=args.loras)
+    for r in results:
+        print(save_png(r, args.out))
+    return 0

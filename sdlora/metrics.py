@@ -1,0 +1,195 @@
+"""Deterministic image metrics for the embedded model's world: what colour and shape a picture
+shows (prompt following), and how much it looks like a style (did a style LoRA learn its style?).
+
+No learned weights: a picture's background is the median colour of its border, its foreground the
+pixels far from that colour; colour = the named colour most foreground pixels are nearest to;
+shape = how much of its bounding box the largest foreground blob fills (an upright triangle 1/2,
+a circle pi/4, a square 1). The style score projects a few colour/edge/frequency statistics onto
+the direction from the base scenes' mean to the style's mean: 0 = looks like the base scenes,
+1 = looks like the style folder.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdlora.training.scenes import COLOURS, NEUTRALS, SIZE
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_NAMES = list(COLOURS) + list(NEUTRALS)
+_RGB = np.array([COLOURS.get(n) or NEUTRALS[n] for n in _NAMES], np.float32)
+FG_DISTANCE = 60.0     # RGB distance from the background colour that makes a pixel foreground
+MIN_BLOB = 12          # pixels; a smaller foreground is "nothing drawn"
+
+
+def to_array(image, size: int = SIZE) -> np.ndarray:
+    """(size, size, 3) float32 RGB in [0, 255] from a PIL image, an array or a path."""
+    if isinstance(image, (str, Path)):
+        image = Image.open(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image).astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BOX if image.size[0] > size else Image.BICUBIC)
+    return np.asarray(image, np.float32)
+
+
+def load_images(folder) -> list[Image.Image]:
+    """The images of a folder (sorted by name)."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt following: background, foreground, colour, shape
+
+def background_rgb(img: np.ndarray) -> np.ndarray:
+    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
+                             img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    return np.median(border, axis=0)
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask."""
+    seen = np.zeros_like(mask)
+    best: list = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        blob, todo = [], deque([(y0, x0)])
+        while todo:
+            y, x = todo.popleft()
+            blob.append((y, x))
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    todo.append((yy, xx))
+        if len(blob) > len(best):
+            best = blob
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def foreground(image) -> np.ndarray:
+    """Boolean mask of the largest blob that differs from the border colour."""
+    img = to_array(image)
+    mask = np.linalg.norm(img - background_rgb(img), axis=-1) > FG_DISTANCE
+    return _largest_blob(mask)
+
+
+def classify_colour(image) -> str | None:
+    """The named colour (COLOURS or NEUTRALS) of most foreground pixels, None if nothing drawn."""
+    img = to_array(image)
+    mask = foreground(img)
+    if mask.sum() < MIN_BLOB:
+        return None
+    px = img[mask]
+    nearest = np.argmin(((px[:, None, :] - _RGB[None]) ** 2).sum(-1), axis=1)
+    return _NAMES[int(np.bincount(nearest, minlength=len(_NAMES)).argmax())]
+
+
+def classify_shape(image) -> str | None:
+    """"circle", "square" or "triangle" from the foreground blob's bounding-box fill ratio
+    (upright triangle 0.5, circle 0.785, square 1.0); None if nothing drawn."""
+    mask = foreground(image)
+    area = int(mask.sum())
+    if area < MIN_BLOB:
+        return None
+    ys, xs = np.nonzero(mask)
+    fill = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "triangle" if fill < 0.64 else "circle" if fill < 0.885 else "square"
+
+
+# ---------------------------------------------------------------------------------------------
+# style
+
+FEATURES = ("luma_mean", "luma_std", "sat_mean", "sat_std", "dark_frac", "bright_frac", "grad_mean",
+            "edge_frac", "high_freq", "local_contrast", "n_colours", "colourfulness", "pastel_frac",
+            "dark_edge_frac", "spectral_peak", "border_luma")
+
+
+def style_features(image) -> np.ndarray:
+    """Colour, edge and frequency statistics of an image (see FEATURES), each roughly in [0, 1]."""
+    img = to_array(image) / 255.0
+    luma = img @ np.array([0.299, 0.587, 0.114], np.float32)
+    mx, mn = img.max(-1), img.min(-1)
+    sat = (mx - mn) / (mx + 1e-6)
+    gy, gx = np.abs(np.diff(luma, axis=0))[:, :-1], np.abs(np.diff(luma, axis=1))[:-1]
+    grad = np.hypot(gx, gy)
+    spec = np.abs(np.fft.fftshift(np.fft.fft2(luma - luma.mean()))) ** 2
+    yy, xx = np.mgrid[-SIZE // 2:SIZE // 2, -SIZE // 2:SIZE // 2]
+    high = spec[np.hypot(yy, xx) > SIZE / 8].sum() / (spec.sum() + 1e-9)
+    blocks = luma.reshape(SIZE // 4, 4, SIZE // 4, 4).std(axis=(1, 3))
+    q = (img * 3.999).astype(int)                                   # 4 levels per channel: 64 bins
+    hist = np.bincount((q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).ravel(), minlength=64) / luma.size
+    rg, yb = img[..., 0] - img[..., 1], 0.5 * (img[..., 0] + img[..., 1]) - img[..., 2]
+    colourful = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    pastel = ((luma > 0.7) & (sat > 0.12) & (sat < 0.55)).mean()
+    dark_edge = ((luma[:-1, :-1] < 0.2) & (grad > 0.1)).mean()         # dark pixels on edges: outlines
+    ring = spec[(np.hypot(yy, xx) > 4)]
+    peak = np.sort(ring)[-8:].sum() / (ring.sum() + 1e-9)               # a few strong frequencies: screens
+    border = np.median(np.concatenate([luma[0], luma[-1], luma[:, 0], luma[:, -1]]))
+    return np.array([luma.mean(), luma.std(), sat.mean(), sat.std(), (luma < 0.15).mean(),
+                     (luma > 0.85).mean(), grad.mean(), (grad > 0.1).mean(), high, blocks.mean(),
+                     (hist > 0.01).sum() / 64, colourful, pastel, dark_edge, peak, border], np.float32)
+
+
+@dataclass
+class StyleMetric:
+    """How much an image looks like a style folder, against the base scenes.
+
+    `score`: projection of the image's features onto the Fisher discriminant direction between
+    reference (base scene) images and style images, scaled so the reference mean scores 0 and the
+    style mean 1 (the within-class covariance is shrunk towards its diagonal: few style images).
+    A linear score also grows for images unlike both sets, so `distance` says how typical an image
+    is of the style: the RMS of its features' z-scores under the style images' own spread (style
+    images score about 1; base scenes and other styles several times more).
+    """
+    reference_mean: np.ndarray
+    style_mean: np.ndarray
+    direction: np.ndarray
+    style_std: np.ndarray
+
+    @classmethod
+    def fit(cls, style_images, reference_images, *, shrink: float = 0.5) -> "StyleMetric":
+        s = np.stack([style_features(i) for i in style_images]).astype(np.float64)
+        r = np.stack([style_features(i) for i in reference_images]).astype(np.float64)
+        cov = (np.cov(s, rowvar=False) + np.cov(r, rowvar=False)) / 2
+        cov = (1 - shrink) * cov + shrink * np.diag(np.diag(cov)) + np.eye(len(cov)) * 1e-4
+        diff = s.mean(0) - r.mean(0)
+        w = np.linalg.solve(cov, diff)
+        # floor the spread: a feature constant within the style must not make tiny deviations huge
+        style_std = np.maximum(s.std(0), 0.25 * r.std(0) + 0.01)
+        return cls(r.mean(0), s.mean(0), w / (w @ diff), style_std)
+
+    @classmethod
+    def for_folder(cls, folder, *, n_reference: int = 200, seed: int = 0) -> "StyleMetric":
+        """The metric of a style folder against procedural base scenes (seeded, so deterministic)."""
+        from sdlora.training.scenes import scenes
+        images = load_images(folder)
+        if not images:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in style folder {folder}")
+        reference, _ = scenes(np.random.default_rng(seed), n_reference)
+        return cls.fit(images, list(reference))
+
+    def score(self, image) -> float:
+        return float((style_features(image).astype(np.float64) - self.reference_mean) @ self.direction)
+
+    def distance(self, image) -> float:
+        z = (style_features(image).astype(np.float64) - self.style_mean) / self.style_std
+        return float(np.sqrt(np.mean(z ** 2)))
+
+    def scores(self, images) -> np.ndarray:
+        return np.array([self.score(i) for i in images])
+
+    def distances(self, images) -> np.ndarray:
+        return np.array([self.distance(i) for i in images])

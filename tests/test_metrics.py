@@ -1,0 +1,63 @@
+"""Metrics: colour/shape classifiers against the scene generator's ground truth; the style metric
+separates each sample style folder from the base scenes on images it was not fitted on."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdlora.metrics import StyleMetric, classify_colour, classify_shape, load_images
+from sdlora.training import make_styles
+from sdlora.training import scenes as S
+
+STYLES_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "styles"
+
+
+def test_classifiers_on_scenes():
+    images, specs = S.scenes(np.random.default_rng(2024), 150)
+    held, held_specs = S.scenes(np.random.default_rng(7), 30, held_out=True)
+    for img, spec in zip(list(images) + list(held), specs + held_specs):
+        assert classify_colour(img) == spec.colour, spec
+        assert classify_shape(img) == spec.shape, spec
+
+
+def test_classifiers_on_blank_image():
+    blank = np.full((64, 64, 3), 200, np.uint8)
+    assert classify_colour(blank) is None and classify_shape(blank) is None
+
+
+@pytest.mark.parametrize("style", sorted(make_styles.STYLES))
+def test_style_folder(style):
+    folder = STYLES_DIR / style
+    images = sorted(folder.glob("*.png"))
+    assert 10 <= len(images) <= 20
+    for p in images:
+        caption = p.with_suffix(".txt").read_text().strip()
+        assert caption.startswith(make_styles.TRIGGERS[style] + ", ")
+
+
+@pytest.mark.parametrize("style", sorted(make_styles.STYLES))
+def test_style_metric_separates(style):
+    metric = StyleMetric.for_folder(STYLES_DIR / style)
+    # fresh images (other seeds than the folder's and the metric's reference scenes)
+    rng = np.random.default_rng(99)
+    fresh_style = [make_styles.render(style, make_styles.style_scene(
+        style, rng, str(rng.choice(list(S.COLOURS))), str(rng.choice(S.SHAPES))))[0] for _ in range(30)]
+    fresh_scenes, _ = S.scenes(np.random.default_rng(123), 100)
+    on_style, on_scenes = metric.scores(fresh_style), metric.scores(list(fresh_scenes))
+    assert abs(on_scenes.mean()) < 0.1 and abs(on_style.mean() - 1) < 0.2   # scaled: scenes 0, style 1
+    assert on_style.min() > on_scenes.max() + 0.1                            # every image on its side
+    assert on_style.mean() - on_scenes.mean() > 0.8
+    # distance: typical of this style, not of the scenes or of the other styles
+    others = [make_styles.render(o, make_styles.style_scene(o, rng, "red", "circle"))[0]
+              for o in make_styles.STYLES if o != style for _ in range(5)]
+    near = metric.distances(fresh_style).mean()
+    assert near < 1.5
+    assert metric.distances(list(fresh_scenes)).mean() > 2 * near
+    assert metric.distances(others).mean() > 2 * near
+
+
+def test_style_metric_is_deterministic():
+    a = StyleMetric.for_folder(STYLES_DIR / "neon")
+    b = StyleMetric.for_folder(STYLES_DIR / "neon")
+    img = load_images(STYLES_DIR / "toon")[0]
+    assert a.score(img) == b.score(img)

@@ -1,0 +1,118 @@
+"""Does the embedded base model follow its prompts? (a measurement, not a test)
+
+    python -m sdlora.training.eval_base_model [--model DIR] [--seeds 6] [--styles sample_data/styles]
+
+For every colour/shape pair held out of training (scenes.HELD_OUT), prompts with and without a
+named background are generated with the `generate` defaults (DPM++ 2M Karras, 20 steps, CFG 7) on
+fixed seeds; the deterministic classifiers of sdlora.metrics say which colour and shape each image
+shows. The bar: colour right in >= 80% of images, shape in >= 60%. Seen pairs are reported too,
+and, with --styles, the style metric of the base model's images for each style folder (should be
+near 0: the base model does not produce those styles).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdlora.metrics import classify_colour, classify_shape
+from sdlora.training import scenes as S
+
+STEPS, CFG = 20, 7.0
+
+
+def prompts_for(pairs) -> list[tuple[str, str, str]]:
+    """(prompt, colour, shape): each pair bare, on white, on black, and on another colour."""
+    out = []
+    others = list(S.COLOURS)
+    for k, (colour, shape) in enumerate(sorted(pairs)):
+        other = next(c for c in others[k % len(others):] + others if c != colour)
+        for bg in ("", "white", "black", other):
+            out.append((S.caption_of(colour, shape, background=bg), colour, shape))
+    return out
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps=STEPS, cfg=CFG, batch=48):
+    from sdlora.samplers import DEFAULT_SAMPLER, make_scheduler
+    pipe.scheduler = make_scheduler(DEFAULT_SAMPLER, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(p, s) for p in prompts for s in seeds]
+    images = []
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i:i + batch]
+        gens = [torch.Generator().manual_seed(s) for _, s in chunk]
+        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
+                   output_type="np").images
+        images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    return images
+
+
+def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images: bool = False) -> dict:
+    prompts = prompts_for(pairs)
+    images = generate_images(pipe, [p for p, _, _ in prompts], list(range(seeds)))
+    truth = [(c, s) for _, c, s in prompts for _ in range(seeds)]
+    colour = np.mean([classify_colour(im) == c for im, (c, _) in zip(images, truth)])
+    shape = np.mean([classify_shape(im) == s for im, (_, s) in zip(images, truth)])
+    result = {"images": len(images), "colour": float(colour), "shape": float(shape)}
+    if log:
+        log(json.dumps(result))
+    if return_images:
+        result["_images"] = images
+    return result
+
+
+def vae_report(vae, styles_dir=None) -> dict[str, float]:
+    """VAE reconstruction MSE (pixels in [0, 1]) on fresh scenes, fresh broad images and each style folder."""
+    from sdlora.metrics import load_images
+    from sdlora.training.make_base_model import vae_mse
+    rng = np.random.default_rng(12345)
+    out = {"scenes": vae_mse(vae, S.scenes(rng, 256)[0]), "broad": vae_mse(vae, S.broad_images(rng, 256))}
+    for folder in sorted(d for d in Path(styles_dir).iterdir() if d.is_dir()) if styles_dir else []:
+        images = np.stack([np.asarray(im.resize((S.SIZE, S.SIZE))) for im in load_images(folder)])
+        out[folder.name] = vae_mse(vae, images)
+    return {k: round(v, 5) for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="base model spec (default: the embedded tiny model)")
+    p.add_argument("--seeds", type=int, default=6)
+    p.add_argument("--styles", type=Path, default=Path("sample_data/styles"),
+                   help="folder of style folders: report VAE error and style scores on them")
+    p.add_argument("--grid", type=Path, default=None, help="save a PNG grid of the held-out images")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from sdlora.pipelines import load_base
+    pipe = load_base(a.model).pipe
+    held = evaluate(pipe, seeds=a.seeds, log=None, return_images=True)
+    seen_pairs = [(c, s) for c in S.COLOURS for s in S.SHAPES if (c, s) not in S.HELD_OUT]
+    seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None)
+    images = held.pop("_images")
+    report = {"held_out_pairs": held, "seen_pairs": seen, "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
+    report["vae_mse"] = vae_report(pipe.vae, a.styles)
+    if a.styles:
+        from sdlora.metrics import StyleMetric
+        for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
+            metric = StyleMetric.for_folder(folder)
+            scores = metric.scores(images)
+            report[f"style[{folder.name}]"] = {"score_mean": round(float(scores.mean()), 3),
+                                               "score_max": round(float(scores.max()), 3),
+                                               "distance_mean": round(float(metric.distances(images).mean()), 3)}
+    if a.grid:
+        from PIL import Image
+        cols = a.seeds
+        rows = [np.concatenate(images[r * cols:(r + 1) * cols], 1) for r in range(len(images) // cols)]
+        Image.fromarray(np.concatenate(rows, 0)).save(a.grid)
+    print(json.dumps(report, indent=1))
+    ok = held["colour"] >= 0.8 and held["shape"] >= 0.6
+    print("quality bar (colour >= 0.80, shape >= 0.60 on held-out pairs):", "met" if ok else "NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

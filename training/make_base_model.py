@@ -1,0 +1,323 @@
+"""Train the embedded tiny Stable Diffusion (sample_data/models/tiny-sd) from scratch on a CPU.
+
+    python -m sdlora.training.make_base_model --out sample_data/models/tiny-sd
+
+The model has SD1.5's module structure at small widths, so every LoRA key it produces is a real
+SD1.5 key (same blocks, same layers_per_block=2, conv proj_in), only narrower:
+  * text encoder: CLIPTextModel, hidden 64, 2 layers, the real CLIP BPE vocabulary (49,408 tokens),
+    frozen at its seeded random init (its embeddings are cached; the UNet learns to read them);
+  * VAE: AutoencoderKL, 3 blocks of widths (16, 32, 64) (64x64 pixels -> 16x16x4 latents), trained on the procedural scenes
+    AND on broad images (colours, gradients, stripes, dots, outlines, glow, noise), so a style LoRA
+    can later learn looks the scenes never show;
+  * UNet: UNet2DConditionModel with SD1.5's block types, widths (32, 64, 96, 96), one attention head,
+    epsilon prediction on SD1.5's noise schedule, min-SNR(5) loss weighting, 10% caption dropout
+    (for classifier-free guidance), EMA weights.
+Weights are stored in fp16 (about 15 MB); each component is rounded to fp16 as soon as it is
+trained, so what later stages learn from is what ships. Seeded: the same command gives the same
+model (up to float reduction order).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdlora.families import CONFIG_DIR, load_config
+from sdlora.training import scenes as S
+
+TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
+TE_WIDTH = 64
+
+
+def unet_config() -> dict:
+    cfg = load_config("sd1", "unet")
+    # widths grow like SD1.5's (320, 640, 1280, 1280): the same resnets get a conv_shortcut, so the
+    # module set, and every LoRA key, is exactly SD1.5's
+    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=2, cross_attention_dim=TE_WIDTH,
+               attention_head_dim=1, sample_size=S.SIZE // 4)
+    return cfg
+
+
+def vae_config() -> dict:
+    cfg = load_config("sd1", "vae")
+    cfg.update(block_out_channels=[16, 32, 64], layers_per_block=1, norm_num_groups=16,
+               down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+               sample_size=S.SIZE)
+    return cfg
+
+
+def text_encoder_config() -> dict:
+    cfg = load_config("sd1", "text_encoder")
+    cfg.update(hidden_size=TE_WIDTH, intermediate_size=4 * TE_WIDTH, num_hidden_layers=2,
+               num_attention_heads=4, projection_dim=TE_WIDTH)
+    return cfg
+
+
+def scheduler_config() -> dict:
+    return load_config("sd1", "scheduler")
+
+
+def log(msg: str, t0=[time.time()]) -> None:  # noqa: B006 (start time of the run)
+    print(f"[{(time.time() - t0[0]) / 60:6.2f} min] {msg}", flush=True)
+
+
+def round_fp16_(module: torch.nn.Module) -> torch.nn.Module:
+    """Round weights to fp16 precision in place (the model ships in fp16)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, h, w, 3) -> float (n, 3, h, w) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+
+def train_vae(images: np.ndarray, steps: int, *, batch: int, crop: int, full_steps: int, lr: float,
+              gen: torch.Generator):
+    """AutoencoderKL on uint8 images: MSE + 0.5 L1 + 1e-6 KL. Random crops (crop x crop) first,
+    which teach local detail at a quarter of the cost; the last `full_steps` on whole images."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_config(vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    data = torch.from_numpy(images)
+    n = len(data)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 50)
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x = to_tensor(data[idx].numpy())
+        if step < steps - full_steps:
+            oy, ox = torch.randint(0, S.SIZE - crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(3)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+    return round_fp16_(vae.eval().requires_grad_(False))
+
+
+@torch.no_grad()
+def vae_mse(vae, images: np.ndarray, batch: int = 64) -> float:
+    """Mean squared reconstruction error in [0, 1] pixel units (posterior mean, no sampling)."""
+    errs = []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i:i + batch])
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        errs.append(((rec - x) / 2).pow(2).mean(dim=(1, 2, 3)))
+    return float(torch.cat(errs).mean())
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    return torch.cat([vae.encode(to_tensor(images[i:i + batch])).latent_dist.mode()
+                      for i in range(0, len(images), batch)])
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+
+def build_text_encoder(seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    cfg = {k: v for k, v in text_encoder_config().items() if k != "architectures"}
+    return round_fp16_(CLIPTextModel(CLIPTextConfig(**cfg)).eval().requires_grad_(False))
+
+
+def load_tokenizer():
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+@torch.no_grad()
+def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+    """(n, 77, hidden) last hidden states, exactly as StableDiffusionPipeline computes them."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return torch.cat([text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+
+def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tensor, empty: torch.Tensor,
+               steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
+               dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0):
+    """Epsilon-prediction UNet on cached latents/embeddings with min-SNR weighting and EMA."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    unet = UNet2DConditionModel.from_config(unet_config())
+    unet.set_attn_processor(AttnProcessor())  # faster than CPU SDPA backward at these sizes (measured)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    sched = DDPMScheduler.from_config(scheduler_config())
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight_t = torch.clamp(snr, max=snr_gamma) / snr        # min-SNR for epsilon prediction
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    n = len(latents)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 100)
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x0 = latents[idx]
+        cond = emb[caption_idx[idx]]
+        drop = torch.rand(batch, generator=gen) < dropout
+        cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, cond).sample
+        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight_t[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+        if step % 200 == 0 or step == steps - 1:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if on_eval and eval_every and step and step % eval_every == 0:
+            on_eval(_ema_copy(unet, ema), step)
+    return round_fp16_(_ema_copy(unet, ema))
+
+
+def _ema_copy(unet, ema):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    out = UNet2DConditionModel.from_config(unet.config)
+    out.set_attn_processor(AttnProcessor())
+    with torch.no_grad():
+        for p, e in zip(out.parameters(), ema):
+            p.copy_(e)
+    return out.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# assembling and writing the folder
+
+def assemble(vae, text_encoder, unet, scaling_factor: float):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    vae.register_to_config(scaling_factor=scaling_factor)
+    unet.set_default_attn_processor()
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+                                   scheduler=PNDMScheduler.from_config(scheduler_config()),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save(pipe, out: Path, card: str) -> None:
+    """Write the pipeline folder atomically (a temp folder renamed into place), weights in fp16,
+    tokenizer as the small vocab.json/merges.txt pair it was loaded from."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=out.parent))
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float32)
+    shutil.rmtree(tmp / "tokenizer")
+    shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
+    (tmp / "README.md").write_text(card)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--scenes", type=int, default=16000, help="captioned scenes for the UNet (and VAE)")
+    p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--eval-every", type=int, default=1000, help="quick prompt-following check (0: off)")
+    p.add_argument("--vae-cache", type=Path, default=None,
+                   help="load the VAE from this folder if it exists, else save the trained VAE there")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes), not a usable model")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.scenes, a.broad, a.vae_steps, a.unet_steps, a.eval_every = 512, 256, 20, 30, 15
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    t_start = time.time()
+
+    images, specs = S.scenes(rng, a.scenes)
+    broad = S.broad_images(rng, a.broad)
+    n_vae_scenes = min(len(images), len(broad))
+    log(f"data: {len(images)} scenes, {len(broad)} broad images")
+
+    if a.vae_cache and (a.vae_cache / "config.json").is_file():
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(a.vae_cache).eval().requires_grad_(False)
+        log(f"vae loaded from {a.vae_cache}")
+    else:
+        vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
+                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen)
+        if a.vae_cache:
+            vae.save_pretrained(a.vae_cache)
+    val_rng = np.random.default_rng(a.seed + 1)
+    val_scenes, _ = S.scenes(val_rng, 256)
+    errors = {"scenes": vae_mse(vae, val_scenes), "broad": vae_mse(vae, S.broad_images(val_rng, 256))}
+    log(f"vae reconstruction MSE on held-out images: {errors}")
+
+    latents = encode(vae, images)
+    scaling = float(1.0 / latents.std())
+    latents = latents * scaling
+    log(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.4f}")
+
+    text_encoder, tokenizer = build_text_encoder(a.seed), load_tokenizer()
+    captions = sorted({s.caption for s in specs})
+    index = {c: i for i, c in enumerate(captions)}
+    emb = embed(text_encoder, tokenizer, captions)
+    empty = embed(text_encoder, tokenizer, [""])
+    caption_idx = torch.tensor([index[s.caption] for s in specs])
+    log(f"{len(captions)} distinct captions embedded")
+
+    from sdlora.training.eval_base_model import evaluate
+
+    def on_eval(unet, step):
+        r = evaluate(assemble(vae, text_encoder, unet, scaling), seeds=2, log=None)
+        log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} (held-out pairs, 2 seeds)")
+
+    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=16, lr=1e-3, gen=gen,
+                      on_eval=on_eval, eval_every=a.eval_every)
+    minutes = (time.time() - t_start) / 60
+    pipe = assemble(vae, text_encoder, unet, scaling)
+    card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
+            f"trained from scratch on procedural scenes by\n`python -m sdlora.training.make_base_model "
+            f"--out DIR --seed {a.seed}` in {minutes:.1f} minutes ({a.threads} CPU thread).\n\n"
+            f"```json\n{json.dumps(dict(vars(a), out=None, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
+    save(pipe, a.out, card)
+    log(f"wrote {a.out} after {minutes:.1f} minutes of training")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
