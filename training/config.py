@@ -31,9 +31,10 @@ PRESET_DIR = Path(__file__).parent / "presets"
 GROUPS = ("data", "network", "optimization", "loss", "prior", "speed", "output", "samples")
 
 
-def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cli: bool = True):
+def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cli: bool = True, aliases=()):
     """A config field: its default and the metadata every front end derives from."""
-    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "cli": cli}
+    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "cli": cli,
+            "aliases": tuple(aliases)}
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -43,7 +44,7 @@ def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cl
 class TrainConfig:
     # --- data ---
     data_dir: str = opt("", "folder of training images; subfolders named `N_name` (kohya) repeat their images N "
-                            "times per epoch", "data")
+                            "times per epoch (the CLI's FOLDER argument)", "data", cli=False)
     trigger: str = opt("", "trigger word put first in every caption (and the caption of images without one)", "data")
     class_word: str = opt("", "class word after the trigger for images without a caption file, e.g. `style` "
                               "(DreamBooth's `sks dog` pattern)", "data")
@@ -139,7 +140,7 @@ class TrainConfig:
     device: str = opt("auto", "auto (accelerate's choice: GPU when present), cpu or cuda", "speed",
                       choices=["auto", "cpu", "cuda"])
     # --- output ---
-    output: str = opt("", "the LoRA file to write (.safetensors)", "output")
+    output: str = opt("", "the LoRA file to write (.safetensors)", "output", aliases=("--out", "-o"))
     base: str = opt("", "base model: a diffusers folder (default: the embedded tiny model)", "output")
     family: str = opt("auto", "expected base family (sd1, sd2, sdxl): a different base is an error", "output",
                       choices=["auto", "sd1", "sd2", "sdxl"])
@@ -348,7 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
             kw.update(nargs="*", metavar=meta["choices"] and "{" + ",".join(meta["choices"]) + "}" or "VALUE")
         else:
             kw.update(type=typ, choices=meta["choices"])
-        groups[meta["group"]].add_argument(flag(f.name), **kw)
+        groups[meta["group"]].add_argument(*meta["aliases"], flag(f.name), **kw)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

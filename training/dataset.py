@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import random
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +216,7 @@ def scan(root, *, trigger: str = "", class_word: str = "", caption_extensions=("
             folders.append(info)
     if not items:
         found = (f"; it holds {len(others)} other file(s), e.g. {others[0].name}" if others else "; it is empty")
-        bad = f"; {len(skipped)} image(s) could not be used: " + _skip_list(skipped) if skipped else ""
+        bad = f"; {len(skipped)} image(s) could not be used: " + skip_list(skipped) if skipped else ""
         raise DatasetError(f"no usable {kind} images in {root}{found}{bad}. Expected "
                            f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files (optionally in `N_name` "
                            "subfolders).")
@@ -225,17 +224,11 @@ def scan(root, *, trigger: str = "", class_word: str = "", caption_extensions=("
     return ScanResult(items, folders, skipped)
 
 
-def _skip_list(skipped, limit=20) -> str:
+def skip_list(skipped, limit=20) -> str:
     lines = [f"{p.name}: {why}" for p, why in skipped[:limit]]
     if len(skipped) > limit:
         lines.append(f"... and {len(skipped) - limit} more")
     return "; ".join(lines)
-
-
-def warn_skipped(skipped) -> None:
-    """ONE warning listing every image that was skipped."""
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} image(s): " + _skip_list(skipped, limit=50), stacklevel=2)
 
 
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:

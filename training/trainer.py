@@ -201,7 +201,7 @@ class Trainer:
         items = [it for s in scans for it in s.items]
         skipped = [x for s in scans for x in s.skipped]
         if skipped:
-            self._warn(f"skipped {len(skipped)} image(s): " + ds._skip_list(skipped, limit=50))
+            self._warn(f"skipped {len(skipped)} image(s): " + ds.skip_list(skipped, limit=50))
         counts = ds.assign_buckets(items, buckets)
         self.items = items
         captions = [it.caption for it in items]
