@@ -16,8 +16,8 @@ Commands are polled once per optimizer step and are thread-safe. `stop` saves a 
 LoRA file of the current step, then `train` returns with status "stopped".
 
 Statuses passed to `on_status(status, message)`, in order of a normal run:
-    "loading" (base model) -> "scanning" (dataset; `on_plan` follows) -> "generating" (class images,
-    only with prior preservation) -> "caching" (latents / text embeddings) -> "training" ->
+    "scanning" (the folder) -> "loading" (base model) -> "generating" (class images, only with prior
+    preservation; `on_plan` follows) -> "caching" (latents / text embeddings) -> ["resumed"] -> "training" ->
     "sampling" / "checkpoint" (as they happen) -> "saving" -> one of "done", "stopped",
     "interrupted" (Ctrl-C; a checkpoint was saved), "failed" (message says why).
 """

@@ -29,10 +29,11 @@ def sampling_pipeline(pipe):
 @torch.no_grad()
 def generate(pipe, prompts: list[str], *, seed: int, steps: int, cfg: float, size: int, autocast=None,
              negative: str = "") -> list:
-    """One PIL image per prompt; prompt i uses generator seed `seed + i`."""
+    """One PIL image per prompt; prompt i uses generator seed `seed + i`. `autocast`: a context
+    manager factory (e.g. `accelerator.autocast`)."""
     p = sampling_pipeline(pipe)
     images = []
-    with (autocast or nullcontext()):
+    with (autocast() if autocast else nullcontext()):
         for i, prompt in enumerate(prompts):
             g = torch.Generator("cpu").manual_seed(seed + i)
             images += p(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,

@@ -185,8 +185,10 @@ class Trainer:
         self._place_models()
 
         granularity = self._latent_granularity()
+        res = max(granularity, cfg.resolution // granularity * granularity)
         step = max(granularity, math.ceil(cfg.bucket_step / granularity) * granularity)
-        res = max(step, cfg.resolution // granularity * granularity)
+        if step > res:                      # tiny resolutions: finer steps than kohya's 64
+            step = granularity
         if res != cfg.resolution:
             self._warn(f"resolution {cfg.resolution} is not a multiple of {granularity} (what this model's latents "
                        f"need); training at {res}")
@@ -259,7 +261,7 @@ class Trainer:
             if self.main:
                 ensure_class_images(self.base.pipe, folder, prompt, cfg.num_class_images, seed=cfg.seed,
                                     steps=cfg.sample_steps, cfg=cfg.sample_cfg, size=self.resolution,
-                                    autocast=self.accel.autocast())
+                                    autocast=self.accel.autocast)
             self.accel.wait_for_everyone()
         scan = ds.scan(folder, trigger="", class_word=prompt, caption_extensions=cfg.caption_extensions,
                        repeats=1, min_image_size=min_size, is_reg=True)
@@ -486,7 +488,7 @@ class Trainer:
         try:
             images = generate(self.base.pipe, self.sample_prompts(), seed=cfg.sample_seed, steps=cfg.sample_steps,
                               cfg=cfg.sample_cfg, size=cfg.sample_size or self.resolution,
-                              autocast=self.accel.autocast())
+                              autocast=self.accel.autocast)
         finally:
             self.network.train()
         folder = self.ckpt_dir / "samples"
