@@ -102,40 +102,41 @@ class LoRALayer(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha}, conv={self.is_conv}"
 
     def hooked_forward(self, base_forward):
-        """The replacement `forward` of the base module (a closure over this layer)."""
+        """The replacement `forward` of the base module (a closure over this layer).
+
+        Linear: y + s·(x Aᵀ) Bᵀ as ONE addmm with alpha=s (no activation-sized scale or add, no
+        scaled copy of B). Conv: the down conv, the 1x1 up conv, then add with alpha=s."""
+        layer, scale, p = self, self.scale, self.dropout
+
+        def prepare(x, down):
+            if x.dtype is not down.dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(down.dtype)
+            return F.dropout(x, p, layer.training) if p else x
+
         if self.is_conv:
+            stride, padding, dilation = self.conv_args
+
             def forward(x, *args, **kwargs):
                 y = base_forward(x, *args, **kwargs)
-                s = self.scale * self.multiplier
+                s = scale * layer.multiplier
                 if s == 0.0:
                     return y
-                x = self._cast(x)
-                if self.dropout:
-                    x = F.dropout(x, self.dropout, self.training)
-                h = F.conv2d(x, self.lora_down, None, *self.conv_args)
-                return y + F.conv2d(h, self.lora_up * s).to(y.dtype)
+                down = layer.lora_down       # (looked up per call: .to()/load_state_dict may swap them)
+                z = F.conv2d(F.conv2d(prepare(x, down), down, None, stride, padding, dilation), layer.lora_up)
+                return torch.add(y, z.to(y.dtype), alpha=s)
             return forward
 
         def forward(x, *args, **kwargs):
             y = base_forward(x, *args, **kwargs)
-            s = self.scale * self.multiplier
+            s = scale * layer.multiplier
             if s == 0.0:
                 return y
-            x = self._cast(x)
-            if self.dropout:
-                x = F.dropout(x, self.dropout, self.training)
-            h = F.linear(x, self.lora_down)
-            up = self.lora_up * s
-            if y.dtype == h.dtype:
-                # fused: y + h @ (s·up)^T in one GEMM (no activation-sized scale or add)
-                return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t()).view(y.shape)
-            return y + F.linear(h, up).to(y.dtype)
+            down, up = layer.lora_down, layer.lora_up
+            h = F.linear(prepare(x, down), down)
+            if y.dtype is h.dtype:
+                return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=s).view(y.shape)
+            return torch.add(y, F.linear(h, up).to(y.dtype), alpha=s)
         return forward
-
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is self.lora_down.dtype or torch.is_autocast_enabled(x.device.type):
-            return x
-        return x.to(self.lora_down.dtype)
 
     def adapter(self) -> LoRA:
         """This layer as a plain-LoRA patch (detached fp32 copies)."""

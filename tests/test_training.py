@@ -220,7 +220,7 @@ def test_addnet_hashes_follow_kohyas_definition():
 
 def test_v_prediction_sd2_and_prior_preservation(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=2, prior_preservation=True, class_word="painting", num_class_images=2,
-                   min_snr_gamma=5.0)
+                   min_snr_gamma=5.0, cache_latents="disk")
     trainer = Trainer(cfg, base=tiny_pipeline("sd2", prediction_type="v_prediction"))
     plan = trainer.prepare()
     class_dir = tmp_path / "out" / "lora-class-images"
@@ -232,6 +232,14 @@ def test_v_prediction_sd2_and_prior_preservation(tmp_path):
         md = f.metadata()
     assert md["ss_base_model_version"] == "sd_v2_v" and md["modelspec.prediction_type"] == "v"
     assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and md["ss_num_reg_images"] == "2"
+    cached = sorted((tmp_path / "out" / "lora-cache").glob("*.safetensors"))
+    assert len(cached) == 6                              # 4 training + 2 class images, one latent each
+    again = Trainer(cfg.replace(output=str(tmp_path / "out" / "again.safetensors"),
+                                cache_dir=str(tmp_path / "out" / "lora-cache"), class_data_dir=str(class_dir)),
+                    base=tiny_pipeline("sd2", prediction_type="v_prediction"))
+    again.prepare()
+    again.base.pipe.vae.encode = None                    # a second run reads the disk cache: no VAE call
+    assert again.run().status == "done"
 
 
 def test_loss_targets_and_min_snr_against_formulas():
@@ -279,7 +287,8 @@ def test_corrupt_and_non_image_files_one_warning_then_training(tmp_path):
     (data / "notes.json").write_text("{}")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        res = train(tiny_cfg(tmp_path, steps=1), base=tiny_pipeline("sd1"))
+        res = train(tiny_cfg(tmp_path, steps=2, crop="random", cache_latents="none", random_flip=True),
+                    base=tiny_pipeline("sd1"))          # (also the uncached path: encode every step)
     msgs = [str(x.message) for x in w if "skipped" in str(x.message)]
     assert len(msgs) == 1 and "broken.png: unreadable" in msgs[0] and "small.png: too small" in msgs[0]
     assert res.status == "done"

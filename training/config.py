@@ -135,6 +135,8 @@ class TrainConfig:
     cache_latents: str = opt("memory", "encode every image once with the VAE and keep the latents in memory "
                                        "or on disk (none: encode each step)", "speed",
                              choices=["none", "memory", "disk"])
+    cache_text: bool = opt(True, "keep the frozen text encoders' outputs per caption in memory (ignored when "
+                                 "they are trained or captions are shuffled)", "speed")
     cache_dir: str = opt("", "where disk caches go (default: <output>-cache)", "speed")
     vae_batch_size: int = opt(4, "images per VAE encode while caching", "speed", low=1)
     device: str = opt("auto", "auto (accelerate's choice: GPU when present), cpu or cuda", "speed",

@@ -302,7 +302,7 @@ class Trainer:
                     te.gradient_checkpointing_enable()
         tes = list(self.base.text_encoders.values())
         self.encode = partial(encode_captions, self.family, self.base.tokenizers, tes, clip_skip=cfg.clip_skip)
-        self.cache_text = not cfg.train_text_encoder and not cfg.shuffle_caption
+        self.cache_text = cfg.cache_text and not cfg.train_text_encoder and not cfg.shuffle_caption
         self.vae_encoder = VaeEncoder(pipe.vae, warn=self._warn)
         self._fill_caches()
         step_model = DenoiserStep(pipe.unet, self.network, tes if cfg.train_text_encoder else [], self.encode)
