@@ -5,37 +5,13 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.families import live_path
 from sdlora.network import LoRANetwork, NetworkSpec
-from tinypipe import tiny_pipeline
-
-TE_COMPS = ("text_encoder", "text_encoder_2")
+from tinypipe import TE_COMPS, tiny_pipeline
+from tinypipe import probe_inputs as _inputs
+from tinypipe import probe_outputs as _outputs
 
 
 def _components(pipe):
     return {c: getattr(pipe, c) for c in ("unet",) + TE_COMPS if getattr(pipe, c, None) is not None}
-
-
-def _inputs(pipe, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cfg = pipe.unet.config
-    sample = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
-    ctx = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
-    kw = {}
-    if cfg.addition_embed_type == "text_time":
-        pooled = pipe.text_encoder_2.config.projection_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
-                                   "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
-    ids = torch.randint(0, 49406, (2, 7), generator=g)
-    return sample, torch.tensor([10, 500]), ctx, kw, ids
-
-
-def _outputs(pipe, inputs):
-    sample, t, ctx, kw, ids = inputs
-    with torch.no_grad():
-        out = {"unet": pipe.unet(sample, t, ctx, **kw).sample}
-        for te in TE_COMPS:
-            if getattr(pipe, te, None) is not None:
-                out[te] = getattr(pipe, te)(ids, output_hidden_states=True).hidden_states[-2]
-    return out
 
 
 def _train_a_little(net, pipe, inputs, steps=3):

@@ -12,44 +12,23 @@ from safetensors.torch import load_file
 
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.training import Trainer, TrainingCallbacks, TrainingControl, TrainingError, train
-from tinypipe import tiny_pipeline
+from tinypipe import probe_outputs, tiny_pipeline
 from trainkit import make_folder, tiny_cfg
-
-TE_COMPS = ("text_encoder", "text_encoder_2")
-
-
-def _outputs(pipe, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    cfg = pipe.unet.config
-    sample = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
-    ctx = torch.randn(2, 6, cfg.cross_attention_dim, generator=g)
-    kw = {}
-    if cfg.addition_embed_type == "text_time":
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=g),
-                                   "time_ids": torch.tensor([[32., 32, 0, 0, 32, 32]] * 2)}
-    ids = torch.randint(0, 49406, (2, 9), generator=g)
-    with torch.no_grad():
-        out = {"unet": pipe.unet(sample, torch.tensor([20, 700]), ctx, **kw).sample}
-        for te in TE_COMPS:
-            if getattr(pipe, te, None) is not None:
-                out[te] = getattr(pipe, te)(ids, output_hidden_states=True).hidden_states[-2]
-    return out
-
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_trained_lora_loads_in_diffusers_like_the_live_network(tmp_path, family):
     pipe = tiny_pipeline(family)
-    before = _outputs(pipe)
+    before = probe_outputs(pipe)
     cfg = tiny_cfg(tmp_path, steps=3, train_text_encoder=True, unet_targets=["attn", "proj", "ff"],
                    text_targets=["attn", "mlp"])
     trainer = Trainer(cfg, base=pipe)
     trainer.prepare()
     result = trainer.run()
     trainer.network.eval()
-    live = _outputs(pipe)                       # the trainer's network is still hooked in
+    live = probe_outputs(pipe)                       # the trainer's network is still hooked in
     fresh = tiny_pipeline(family)
     fresh.load_lora_weights(str(result.output))
-    theirs = _outputs(fresh)
+    theirs = probe_outputs(fresh)
     for comp in live:
         assert (live[comp] - before[comp]).abs().max() > 1e-4, comp
         torch.testing.assert_close(theirs[comp], live[comp], rtol=1e-4, atol=1e-5, msg=comp)

@@ -53,3 +53,34 @@ def save_tiny_pipeline(path, family: str = "sd1", seed: int = 0, prediction_type
     pipe = tiny_pipeline(family, seed, prediction_type)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return pipe
+
+
+TE_COMPS = ("text_encoder", "text_encoder_2")
+
+
+def probe_inputs(pipe, seed=1):
+    """Fixed random inputs for the UNet (and token ids for the text encoders) of a tiny pipeline:
+    (sample, timesteps, context, unet kwargs, ids)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = pipe.unet.config
+    sample = torch.randn(2, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, cfg.cross_attention_dim, generator=g)
+    kw = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = pipe.text_encoder_2.config.projection_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
+                                   "time_ids": torch.tensor([[64., 64, 0, 0, 64, 64]] * 2)}
+    ids = torch.randint(0, 49406, (2, 7), generator=g)
+    return sample, torch.tensor([10, 500]), ctx, kw, ids
+
+
+def probe_outputs(pipe, inputs=None):
+    """component -> output on `probe_inputs`: the UNet's prediction, each text encoder's
+    penultimate hidden states (what SDXL uses)."""
+    sample, t, ctx, kw, ids = inputs or probe_inputs(pipe)
+    with torch.no_grad():
+        out = {"unet": pipe.unet(sample, t, ctx, **kw).sample}
+        for te in TE_COMPS:
+            if getattr(pipe, te, None) is not None:
+                out[te] = getattr(pipe, te)(ids, output_hidden_states=True).hidden_states[-2]
+    return out

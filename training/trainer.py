@@ -278,12 +278,12 @@ class Trainer:
             self.prepare()
         try:
             return self._run()
-        except TrainingError as e:
-            self._status("failed", str(e))
-            raise
         except Exception as e:
-            self._status("failed", f"{type(e).__name__}: {e}")
+            self._status("failed", str(e) if isinstance(e, SdloraError) else f"{type(e).__name__}: {e}")
             raise
+        finally:
+            if getattr(self, "offloaded", None):
+                self._offload(False)        # hand the pipeline back whole (the UI generates with it)
 
     def _setup(self) -> None:
         cfg, pipe = self.cfg, self.base.pipe
@@ -305,6 +305,11 @@ class Trainer:
         self.cache_text = cfg.cache_text and not cfg.train_text_encoder and not cfg.shuffle_caption
         self.vae_encoder = VaeEncoder(pipe.vae, warn=self._warn)
         self._fill_caches()
+        # what the loop no longer needs leaves the accelerator (kohya does the same); sampling
+        # brings it back for a moment
+        self.offloaded = [m for m, idle in ((pipe.vae, self.latents is not None),
+                                            *((te, self.embeddings is not None) for te in tes)) if idle]
+        self._offload(True)
         step_model = DenoiserStep(pipe.unet, self.network, tes if cfg.train_text_encoder else [], self.encode)
         step_model.train()
         for te in tes:
@@ -314,6 +319,11 @@ class Trainer:
         self.model, self.optimizer = self.accel.prepare(step_model, opt)
         self.lr_scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.lr_warmup_steps,
                                             self.plan.total_steps)
+
+    def _offload(self, away: bool) -> None:
+        if self.accel.device.type != "cpu":
+            for m in self.offloaded:
+                m.to("cpu" if away else self.accel.device)
 
     def _fill_caches(self) -> None:
         cfg = self.cfg
@@ -326,7 +336,12 @@ class Trainer:
                 cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out.with_name(self.name + "-cache")
             self._status("caching", f"encoding {len(keys)} latent(s)")
             self.latents = LatentCache(cache_dir)
-            vae_id = hashlib.sha1(str(sorted(self.base.pipe.vae.config.items())).encode()).hexdigest()[:12]
+            vae = self.base.pipe.vae       # config + a weight fingerprint: another VAE never reuses a cache
+            fp = hashlib.sha1(str(sorted(vae.config.items())).encode())
+            for t in (vae.encoder.conv_in.weight, vae.quant_conv.weight if vae.quant_conv is not None else None):
+                if t is not None:
+                    fp.update(t.detach().float().cpu().numpy().tobytes())
+            vae_id = fp.hexdigest()[:16]
             self.latents.fill(self.items, keys, self.vae_encoder, self.cfg.seed, cfg.vae_batch_size, vae_id)
         self.embeddings = None
         if self.cache_text:
@@ -485,11 +500,13 @@ class Trainer:
         cfg = self.cfg
         self._status("sampling", f"step {self.step}")
         self.network.eval()
+        self._offload(False)
         try:
             images = generate(self.base.pipe, self.sample_prompts(), seed=cfg.sample_seed, steps=cfg.sample_steps,
                               cfg=cfg.sample_cfg, size=cfg.sample_size or self.resolution,
                               autocast=self.accel.autocast)
         finally:
+            self._offload(True)
             self.network.train()
         folder = self.ckpt_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
