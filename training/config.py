@@ -1,0 +1,359 @@
+"""Every training option, declared once: type, default, help, group (and choices/limits).
+
+The CLI flags (`add_arguments`), the TOML keys (`load_toml`, `TrainConfig.to_toml`), the presets in
+`training/presets/` and the UI form (`form_fields`) are all derived from the `TrainConfig`
+dataclass below, so they cannot drift apart. Layering, lowest first:
+    defaults  <  --preset NAME  <  --config FILE.toml  <  flags given on the command line.
+
+Defaults follow the field's usual style-LoRA settings; each help text names where a default comes
+from when it is not obvious (kohya = kohya-ss/sd-scripts train_network.py, diffusers =
+diffusers/examples/dreambooth/train_dreambooth_lora.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+GROUPS = ("data", "network", "optimization", "loss", "prior", "speed", "output", "samples")
+
+
+def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cli: bool = True, aliases=()):
+    """A config field: its default and the metadata every front end derives from."""
+    meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "cli": cli,
+            "aliases": tuple(aliases)}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data_dir: str = opt("", "folder of training images; subfolders named `N_name` (kohya) repeat their images N "
+                            "times per epoch (the CLI's FOLDER argument)", "data", cli=False)
+    trigger: str = opt("", "trigger word put first in every caption (and the caption of images without one)", "data")
+    class_word: str = opt("", "class word after the trigger for images without a caption file, e.g. `style` "
+                              "(DreamBooth's `sks dog` pattern)", "data")
+    caption_extensions: list = opt([".txt", ".caption"], "sidecar caption file extensions, first found wins "
+                                   "(kohya reads .caption by default, most taggers write .txt: both)", "data")
+    repeats: int = opt(1, "repeats for images in folders without an `N_` prefix (kohya num_repeats)", "data", low=1)
+    resolution: int = opt(512, "training resolution: buckets keep about resolution² pixels (SD1.5: 512, "
+                               "SDXL: 1024)", "data", low=16)
+    buckets: bool = opt(True, "aspect-ratio buckets (kohya --enable_bucket); off: every image is cropped "
+                              "square", "data")
+    bucket_step: int = opt(64, "bucket sides are multiples of this (kohya bucket_reso_steps=64); raised to "
+                               "the model's latent granularity when smaller", "data", low=8)
+    min_bucket_reso: int = opt(0, "smallest bucket side in px (0: resolution/2; kohya's fixed default is 256 at "
+                                  "512)", "data", low=0)
+    max_bucket_reso: int = opt(0, "largest bucket side in px (0: resolution*2; kohya: 1024 at 512)", "data", low=0)
+    min_image_size: int = opt(0, "skip images whose shorter side is below this many px (0: resolution/4; "
+                                 "upscaling more than 4x only teaches blur)", "data", low=0)
+    crop: str = opt("center", "crop to the bucket: center, or random (random crops cannot be cached)", "data",
+                    choices=["center", "random"])
+    random_flip: bool = opt(False, "flip images horizontally at random (kohya flip_aug, off by default; bad for "
+                                   "asymmetric subjects or text)", "data")
+    shuffle_caption: bool = opt(False, "shuffle comma-separated caption tags each step (kohya "
+                                       "--shuffle_caption)", "data")
+    keep_tokens: int = opt(0, "leading caption tags kept in place when shuffling (kohya --keep_tokens; the "
+                              "trigger counts as one)", "data", low=0)
+    caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (kohya "
+                                      "caption_dropout_rate)", "data", low=0.0, high=1.0)
+    # --- network ---
+    rank: int = opt(16, "LoRA rank (kohya network_dim); 16-32 is usual for styles", "network", low=1)
+    alpha: float = opt(8.0, "LoRA alpha: updates are scaled by alpha/rank (kohya network_alpha; half the rank "
+                            "is the common style setting)", "network", low=0.0)
+    dropout: float = opt(0.0, "dropout on the LoRA input (kohya network_dropout)", "network", low=0.0, high=0.99)
+    unet_targets: list = opt(["attn"], "UNet modules: attn (to_q/k/v/out, diffusers' default), proj "
+                                       "(proj_in/out), ff (feed-forward), conv (LoCon: resnets and samplers)",
+                             "network", choices=["attn", "proj", "ff", "conv"])
+    conv_rank: int = opt(0, "rank of 3x3 conv layers for the conv target (kohya conv_dim; 0: off)", "network",
+                         low=0)
+    conv_alpha: float = opt(1.0, "alpha of 3x3 conv layers (kohya conv_alpha default 1)", "network", low=0.0)
+    train_text_encoder: bool = opt(False, "also train LoRA layers in the text encoder(s) (off: their "
+                                          "embeddings are cached)", "network")
+    text_targets: list = opt(["attn"], "text-encoder modules: attn (q/k/v/out_proj), mlp (fc1/fc2)",
+                             "network", choices=["attn", "mlp"])
+    # --- optimization ---
+    steps: int = opt(1600, "total optimizer steps (kohya max_train_steps default 1600); epochs are derived",
+                     "optimization", low=1)
+    epochs: int = opt(0, "train this many epochs instead of --steps (0: use --steps)", "optimization", low=0)
+    batch_size: int = opt(1, "images per step and process (kohya train_batch_size)", "optimization", low=1)
+    grad_accum: int = opt(1, "gradient accumulation micro-batches per optimizer step", "optimization", low=1)
+    unet_lr: float = opt(1e-4, "UNet LoRA learning rate (kohya learning_rate default 1e-4)", "optimization",
+                         low=0.0)
+    text_encoder_lr: float = opt(5e-5, "text-encoder LoRA learning rate (half the UNet's, the usual "
+                                       "kohya setting)", "optimization", low=0.0)
+    optimizer: str = opt("adamw", "adamw (torch), adamw8bit (bitsandbytes; falls back to adamw with a warning "
+                                  "when it cannot load), prodigy (prodigyopt; use lr 1.0)", "optimization",
+                         choices=["adamw", "adamw8bit", "prodigy"])
+    weight_decay: float = opt(1e-2, "AdamW weight decay (torch/diffusers default 1e-2)", "optimization", low=0.0)
+    adam_beta1: float = opt(0.9, "Adam beta1", "optimization", low=0.0, high=1.0)
+    adam_beta2: float = opt(0.999, "Adam beta2", "optimization", low=0.0, high=1.0)
+    adam_epsilon: float = opt(1e-8, "Adam epsilon", "optimization", low=0.0)
+    max_grad_norm: float = opt(1.0, "clip the gradient norm (kohya/diffusers default 1.0; 0: off)",
+                               "optimization", low=0.0)
+    lr_scheduler: str = opt("constant", "learning-rate schedule after warmup (kohya/diffusers default "
+                                        "constant)", "optimization", choices=["constant", "cosine", "linear"])
+    lr_warmup_steps: int = opt(0, "linear warmup steps", "optimization", low=0)
+    seed: int = opt(42, "seed for LoRA init, data order, noise and timesteps (fixed so runs reproduce)",
+                    "optimization", low=0)
+    # --- loss ---
+    min_snr_gamma: float = opt(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023 recommend 5; 0: off)",
+                               "loss", low=0.0)
+    noise_offset: float = opt(0.0, "noise offset (0.05-0.1 lets the model learn very dark/bright images; "
+                                   "0: off)", "loss", low=0.0)
+    prediction_type: str = opt("auto", "training target: auto (from the scheduler config), epsilon or "
+                                       "v_prediction", "loss", choices=["auto", "epsilon", "v_prediction"])
+    clip_skip: int = opt(1, "use the text encoder's n-th last layer (SD1 only; 2 for anime-style bases)",
+                         "loss", low=1)
+    # --- prior preservation (DreamBooth) ---
+    prior_preservation: bool = opt(False, "DreamBooth prior preservation with class images", "prior")
+    class_data_dir: str = opt("", "folder of class images (missing ones are generated with the base model; "
+                                  "default: <output>-class-images)", "prior")
+    class_prompt: str = opt("", "prompt of the class images (default: the class word)", "prior")
+    num_class_images: int = opt(100, "class images wanted (diffusers default 100)", "prior", low=1)
+    prior_loss_weight: float = opt(1.0, "weight of the class-image loss (kohya/diffusers default 1.0)",
+                                   "prior", low=0.0)
+    # --- speed / precision ---
+    mixed_precision: str = opt("no", "no (fp32), fp16 or bf16: base weights are stored in that dtype, LoRA "
+                                     "weights stay fp32", "speed", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet", "speed")
+    cache_latents: str = opt("memory", "encode every image once with the VAE and keep the latents in memory "
+                                       "or on disk (none: encode each step)", "speed",
+                             choices=["none", "memory", "disk"])
+    cache_text: bool = opt(True, "keep the frozen text encoders' outputs per caption in memory (ignored when "
+                                 "they are trained or captions are shuffled)", "speed")
+    cache_dir: str = opt("", "where disk caches go (default: <output>-cache)", "speed")
+    vae_batch_size: int = opt(4, "images per VAE encode while caching", "speed", low=1)
+    device: str = opt("auto", "auto (accelerate's choice: GPU when present), cpu or cuda", "speed",
+                      choices=["auto", "cpu", "cuda"])
+    # --- output ---
+    output: str = opt("", "the LoRA file to write (.safetensors)", "output", aliases=("--out", "-o"))
+    base: str = opt("", "base model: a diffusers folder (default: the embedded tiny model)", "output")
+    family: str = opt("auto", "expected base family (sd1, sd2, sdxl): a different base is an error", "output",
+                      choices=["auto", "sd1", "sd2", "sdxl"])
+    save_format: str = opt("kohya", "kohya (A1111/ComfyUI/Civitai) or diffusers key names", "output",
+                           choices=["kohya", "diffusers"])
+    save_precision: str = opt("fp16", "dtype of the saved LoRA (fp16 is what kohya files usually hold)",
+                              "output", choices=["fp32", "fp16", "bf16"])
+    save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)", "output", low=0)
+    keep_checkpoints: int = opt(0, "keep only the newest N step checkpoints (0: keep all)", "output", low=0)
+    checkpoint_dir: str = opt("", "where checkpoints go (default: <output>-checkpoints)", "output")
+    resume: str = opt("", "continue from a checkpoint folder (same config: the result equals an "
+                          "uninterrupted run)", "output")
+    comment: str = opt("", "free text stored as ss_training_comment", "output")
+    # --- samples ---
+    sample_every: int = opt(0, "generate sample images every N steps (0: off)", "samples", low=0)
+    sample_prompts: list = opt([], "prompts of the sample images (default: the trigger + class word)", "samples")
+    sample_seed: int = opt(1234, "seed of every sample image (fixed so samples are comparable)", "samples",
+                           low=0)
+    sample_steps: int = opt(20, "denoising steps per sample image", "samples", low=1)
+    sample_cfg: float = opt(7.0, "classifier-free guidance scale of samples (A1111 default 7)", "samples",
+                            low=0.0)
+    sample_size: int = opt(0, "sample image side in px (0: the training resolution)", "samples", low=0)
+
+    # ----------------------------------------------------------------------------------------
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "TrainConfig":
+        """Check types, choices and ranges of every field, and the combinations that cannot work."""
+        hints = _hints()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        if self.crop == "random" and self.cache_latents != "none":
+            raise SdloraError("random crops cannot be cached: use --crop center, or --cache-latents none")
+        if "conv" in self.unet_targets and not self.conv_rank:
+            raise SdloraError("the conv (LoCon) target needs --conv-rank N (e.g. 8)")
+        if self.prior_preservation and not (self.class_prompt or self.class_word):
+            raise SdloraError("prior preservation needs --class-prompt (or --class-word), e.g. 'a painting'")
+        if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
+            raise SdloraError(f"min_bucket_reso {self.min_bucket_reso} > max_bucket_reso {self.max_bucket_reso}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self, only_changed: bool = False) -> str:
+        """TOML text of this config (flat keys, one per field, grouped by comments)."""
+        default = TrainConfig()
+        lines = []
+        for group in GROUPS:
+            body = [f"{f.name} = {_toml_value(getattr(self, f.name))}" for f in dataclasses.fields(self)
+                    if f.metadata["group"] == group
+                    and not (only_changed and getattr(self, f.name) == getattr(default, f.name))]
+            if body:
+                lines += [f"# {group}"] + body + [""]
+        return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))   # a JSON string is a valid TOML basic string
+
+
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(f: dataclasses.Field, typ, value):
+    """The value converted to the field's type, or a clear error naming the field."""
+    name, meta = f.name, f.metadata
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise ValueError(value)
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            value = int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            value = float(value)
+        elif typ is list:
+            if isinstance(value, str):
+                value = [value]
+            value = [str(x) for x in value]
+        else:
+            value = "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise SdloraError(f"option {name}: expected {typ.__name__}, got {value!r}") from None
+    choices = meta.get("choices")
+    if choices:
+        for v in (value if isinstance(value, list) else [value]):
+            if v not in choices:
+                raise SdloraError(f"option {name}: {v!r} is not one of {', '.join(choices)}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and value < low or high is not None and value > high:
+        raise SdloraError(f"option {name}: {value} is outside [{low}, {high if high is not None else '∞'}]")
+    return value
+
+
+def fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def form_fields() -> list[dict]:
+    """Everything a UI needs to build a form: name, type, default, help, group, choices, limits."""
+    hints = _hints()
+    default = TrainConfig()
+    return [{"name": f.name, "type": hints[f.name].__name__, "default": getattr(default, f.name),
+             **{k: f.metadata[k] for k in ("help", "group", "choices", "low", "high")}} for f in fields()]
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML files and presets
+
+def _check_keys(data: dict, where: str) -> dict:
+    names = [f.name for f in fields()]
+    flat = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k in GROUPS:      # [group] tables are accepted too
+            flat.update(v)
+        else:
+            flat[k] = v
+    for k in flat:
+        if k not in names:
+            hint = difflib.get_close_matches(k, names, n=1)
+            raise SdloraError(f"{where}: unknown option {k!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    return flat
+
+
+def load_toml(path) -> dict:
+    """The options set in a TOML file (keys are the field names; [group] tables allowed)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdloraError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SdloraError(f"config file {path} is not valid TOML: {e}") from None
+    return _check_keys(data, str(path))
+
+
+def presets() -> dict[str, Path]:
+    """Preset name -> file. Names are the file stems (`style-sd15`) and the titles in their first line."""
+    out = {}
+    for p in sorted(PRESET_DIR.glob("*.toml")):
+        out[p.stem] = p
+        first = p.read_text(encoding="utf-8").splitlines()[0]
+        if first.startswith("# preset:"):
+            out[first.split(":", 1)[1].strip()] = p
+    return out
+
+
+def load_preset(name: str) -> dict:
+    table = presets()
+    key = next((k for k in table if k.lower() == name.lower()), None)
+    if key is None:
+        raise SdloraError(f"unknown preset {name!r}; presets: {', '.join(sorted({p.stem for p in table.values()}))}")
+    return load_toml(table[key])
+
+
+def build_config(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < preset < config file < overrides (e.g. the flags given on the command line)."""
+    values = {}
+    if preset:
+        values.update(load_preset(preset))
+    if config_file:
+        values.update(load_toml(config_file))
+    values.update(_check_keys(overrides or {}, "options"))
+    return TrainConfig(**values).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One flag per field (`--unet-lr`), grouped as in the config. Flags default to SUPPRESS so
+    `overrides_from_args` sees only what the user typed."""
+    hints = _hints()
+    default = TrainConfig()
+    groups = {g: parser.add_argument_group(f"{g} options") for g in GROUPS}
+    for f in fields():
+        if f.name in skip or not f.metadata["cli"]:
+            continue
+        typ, meta = hints[f.name], f.metadata
+        dflt = getattr(default, f.name)
+        help_ = meta["help"] + (f" [default: {dflt!r}]" if dflt not in ("", []) else "")
+        kw = dict(default=argparse.SUPPRESS, help=help_.replace("%", "%%"), dest=f.name)
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typ is list:
+            kw.update(nargs="*", metavar=meta["choices"] and "{" + ",".join(meta["choices"]) + "}" or "VALUE")
+        else:
+            kw.update(type=typ, choices=meta["choices"])
+        groups[meta["group"]].add_argument(*meta["aliases"], flag(f.name), **kw)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    names = {f.name for f in fields()}
+    return {k: v for k, v in vars(args).items() if k in names}

@@ -1,0 +1,188 @@
+"""Does a trained style LoRA learn the style? Train on a style folder, then compare generations.
+
+    python -m sdlora.training.eval_style sample_data/styles/halftone --out eval-halftone
+    python -m sdlora.training.eval_style STYLE_DIR --metric mypkg.metrics:style_score --steps 300
+
+1. Generate images with the base model for prompts that are NOT captions of the style folder
+   (fixed seeds), 2. train a LoRA on the folder with a preset ("tiny CPU demo" by default),
+3. generate the same prompts and seeds with the LoRA, 4. score every image with a style metric
+   and (optionally) check that the prompt's colour is still followed.
+
+Metrics are plain functions so any scorer can be plugged in:
+    style metric:  fn(image: PIL.Image, style_dir: Path) -> float   (higher = more like the style)
+    colour check:  fn(image: PIL.Image, colour: str) -> bool
+By default they come from `sdlora.metrics` (`style_score`, `follows_colour`) when that module
+exists; otherwise pass `--metric` (and `--colour-metric`) as `module:function`.
+The report (JSON + a printed table) holds every score, so numbers can go to the README.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+# prompts in the base model's own vocabulary (the tiny model knows shapes and colours)
+DEFAULT_PROMPTS = ("a large red circle on a white background", "a small blue square on a yellow background",
+                   "a green triangle on a black background", "a yellow circle on a blue background",
+                   "a purple square on a white background", "an orange triangle on a green background")
+
+
+@dataclass
+class StyleReport:
+    style_dir: str
+    prompts: list[str]
+    seeds: list[int]
+    base_scores: list[float]
+    lora_scores: list[float]
+    lora_path: str
+    colour_followed: list[bool] | None = None     # per LoRA image, when a colour check ran
+    base_colour_followed: list[bool] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def base_mean(self) -> float:
+        return statistics.fmean(self.base_scores)
+
+    @property
+    def lora_mean(self) -> float:
+        return statistics.fmean(self.lora_scores)
+
+    @property
+    def wins(self) -> float:
+        """Share of (prompt, seed) pairs where the LoRA image scores higher than the base image."""
+        return sum(b < lo for b, lo in zip(self.base_scores, self.lora_scores)) / len(self.lora_scores)
+
+    def summary(self) -> str:
+        lines = [f"style {self.style_dir}: {len(self.prompts)} prompts x {len(self.seeds)} seeds",
+                 f"  style metric  base {self.base_mean:.4f}  ->  LoRA {self.lora_mean:.4f}  "
+                 f"(+{self.lora_mean - self.base_mean:.4f}; LoRA higher on {self.wins:.0%} of pairs)"]
+        if self.colour_followed is not None:
+            rate = sum(self.colour_followed) / len(self.colour_followed)
+            base = sum(self.base_colour_followed) / len(self.base_colour_followed)
+            lines.append(f"  prompt colour followed: base {base:.0%}, LoRA {rate:.0%}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__, base_mean=self.base_mean, lora_mean=self.lora_mean, wins=self.wins)
+        return json.dumps(d, indent=1)
+
+
+def load_function(spec: str):
+    """`module:function` -> the function."""
+    mod, _, name = spec.partition(":")
+    if not name:
+        raise SdloraError(f"expected module:function, got {spec!r}")
+    return getattr(importlib.import_module(mod), name)
+
+
+def default_metrics():
+    """(style metric, colour check) from sdlora.metrics, or (None, None)."""
+    try:
+        m = importlib.import_module("sdlora.metrics")
+    except ImportError:
+        return None, None
+    return getattr(m, "style_score", None), getattr(m, "follows_colour", None)
+
+
+def colour_of(prompt: str) -> str | None:
+    words = prompt.lower().replace(",", " ").split()
+    return next((w for w in words if w in COLOURS), None)
+
+
+def held_out_prompts(prompts, style_dir: Path) -> list[str]:
+    """The prompts that are not (part of) any caption in the style folder."""
+    captions = {p.read_text(encoding="utf-8").strip().lower() for ext in ("*.txt", "*.caption")
+                for p in style_dir.rglob(ext)}
+    return [p for p in prompts if not any(p.lower() in c for c in captions)]
+
+
+def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = "tiny CPU demo",
+             overrides: dict | None = None, prompts=DEFAULT_PROMPTS, prompt_prefix: str = "", seeds=(0, 1, 2, 3),
+             out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None) -> StyleReport:
+    """Train on `style_dir` with `preset` (+ overrides), score base vs LoRA images. `base`: a
+    diffusers pipeline or None for the trainer's default base model."""
+    from sdlora.training.base import load_base_pipeline
+    from sdlora.training.config import build_config
+    from sdlora.training.sampling import generate, save_png
+    from sdlora.training.trainer import Trainer
+
+    style_dir, out_dir = Path(style_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = held_out_prompts(prompts, style_dir)
+    notes = [f"dropped {len(prompts) - len(kept)} prompt(s) found in the captions"] if len(kept) < len(prompts) else []
+    if not kept:
+        raise SdloraError("every evaluation prompt appears in the style captions; pass other --prompts")
+    full = [f"{prompt_prefix}{p}" for p in kept]
+    cfg = build_config(preset=preset, overrides=dict(overrides or {}, data_dir=str(style_dir),
+                                                     output=str(out_dir / "style-lora.safetensors")))
+    pipe = base if base is not None else load_base_pipeline(cfg.base)
+    size = size or cfg.resolution
+
+    def images(tag):
+        ims = []
+        for seed in seeds:       # prompt i of seed s uses generator seed s*1000 + i
+            batch = generate(pipe, full, seed=seed * 1000, steps=steps, cfg=cfg_scale, size=size)
+            for i, im in enumerate(batch):
+                save_png(im, out_dir / f"{tag}-seed{seed}-p{i}.png")
+            ims += batch
+        return ims
+
+    base_images = images("base")
+    trainer = Trainer(cfg, base=pipe)
+    trainer.prepare()
+    result = trainer.run()
+    trainer.network.eval()
+    lora_images = images("lora")
+    trainer.network.remove()
+
+    report = StyleReport(str(style_dir), full, list(seeds), [float(metric(im, style_dir)) for im in base_images],
+                         [float(metric(im, style_dir)) for im in lora_images], str(result.output), notes=notes)
+    colours = [colour_of(p) for p in kept] * len(seeds)
+    if colour_metric is not None and all(colours):
+        report.colour_followed = [bool(colour_metric(im, c)) for im, c in zip(lora_images, colours)]
+        report.base_colour_followed = [bool(colour_metric(im, c)) for im, c in zip(base_images, colours)]
+    else:
+        report.notes.append("colour check not run: " + ("no colour function" if colour_metric is None
+                                                        else "a prompt names no colour"))
+    (out_dir / "report.json").write_text(report.to_json())
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("style_dir")
+    p.add_argument("--out", default="eval-style", help="folder for images, the LoRA and report.json")
+    p.add_argument("--preset", default="tiny CPU demo")
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: the preset's)")
+    p.add_argument("--base", default="", help="base model (default: the embedded one)")
+    p.add_argument("--metric", help="style metric as module:function (default: sdlora.metrics.style_score)")
+    p.add_argument("--colour-metric", help="colour check as module:function (default: sdlora.metrics.follows_colour)")
+    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
+    p.add_argument("--prompt-prefix", default="", help="put before every prompt (e.g. the trigger word + ', ')")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--sample-steps", type=int, default=20)
+    a = p.parse_args(argv)
+    metric, colour = default_metrics()
+    metric = load_function(a.metric) if a.metric else metric
+    colour = load_function(a.colour_metric) if a.colour_metric else colour
+    if metric is None:
+        raise SystemExit("no style metric: sdlora.metrics is not installed here; pass --metric module:function")
+    overrides = {"base": a.base} if a.base else {}
+    if a.steps:
+        overrides["steps"] = a.steps
+    report = evaluate(a.style_dir, metric=metric, colour_metric=colour, preset=a.preset, overrides=overrides,
+                      prompts=a.prompts, prompt_prefix=a.prompt_prefix, seeds=tuple(range(a.seeds)), out_dir=a.out,
+                      steps=a.sample_steps)
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

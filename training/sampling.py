@@ -1,0 +1,74 @@
+"""Images from the live model: sample images during training, class images for prior preservation.
+
+Sampling uses DPM++ 2M (diffusers' DPMSolverMultistepScheduler, the field's common default) built
+from the base model's scheduler config, with one fixed CPU generator per prompt so samples from
+different steps are comparable.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from sdlora.training.dataset import IMAGE_EXTENSIONS
+
+
+def sampling_pipeline(pipe):
+    from diffusers import DPMSolverMultistepScheduler
+    sched = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    comps = {k: v for k, v in pipe.components.items() if k != "scheduler"}
+    extra = {"requires_safety_checker": False} if "safety_checker" in comps else {}
+    p = type(pipe)(scheduler=sched, **comps, **extra)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], *, seed: int, steps: int, cfg: float, size: int, autocast=None,
+             negative: str = "") -> list:
+    """One PIL image per prompt; prompt i uses generator seed `seed + i`. `autocast`: a context
+    manager factory (e.g. `accelerator.autocast`)."""
+    p = sampling_pipeline(pipe)
+    images = []
+    with (autocast() if autocast else nullcontext()):
+        for i, prompt in enumerate(prompts):
+            g = torch.Generator("cpu").manual_seed(seed + i)
+            images += p(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
+                        height=size, width=size, generator=g).images
+    return images
+
+
+def save_png(image, path: Path) -> None:
+    """Atomic PNG write."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def count_images(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def ensure_class_images(pipe, folder: Path, prompt: str, wanted: int, *, seed: int, steps: int, cfg: float,
+                        size: int, autocast=None, progress=None) -> int:
+    """Generate class images until `folder` holds `wanted`; returns how many were made."""
+    folder.mkdir(parents=True, exist_ok=True)
+    have = count_images(folder)
+    made = 0
+    for k in range(have, wanted):
+        img = generate(pipe, [prompt], seed=seed + 100_000 + k, steps=steps, cfg=cfg, size=size, autocast=autocast)[0]
+        save_png(img, folder / f"class-{k:05d}.png")
+        made += 1
+        if progress:
+            progress(made, wanted - have)
+    return made
