@@ -280,3 +280,20 @@ def test_cli_reports_empty_folder_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no usable training images" in err and "it is empty" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "x.safetensors").exists()
+
+
+def test_bf16_weights_gradient_checkpointing_and_webp(tmp_path):
+    from PIL import Image
+    data = make_folder(tmp_path / "data", n=2)
+    Image.open(data / "img0.png").save(data / "img9.webp")        # webp is read like png/jpg
+    cfg = tiny_cfg(tmp_path, steps=2, mixed_precision="bf16", gradient_checkpointing=True, train_text_encoder=True)
+    trainer = Trainer(cfg, base=tiny_pipeline("sd1"))
+    plan = trainer.prepare()
+    assert plan.train_images == 3
+    res = trainer.run()
+    unet = trainer.base.pipe.unet
+    assert unet.dtype == torch.bfloat16 and unet.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in trainer.network.parameters())
+    assert res.status == "done" and res.loss == res.loss                # finite, not NaN
+    assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for k, v in load_file(res.output).items()
+               if "lora_down" in k)
