@@ -11,12 +11,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora.errors import FamilyMismatchError, SdloraError
+from sdlora.mixing import MixEntry, Mixer
 from sdlora.training import Trainer, TrainingCallbacks, TrainingControl, TrainingError, train
 from tinypipe import probe_outputs, tiny_pipeline
 from trainkit import make_folder, tiny_cfg
 
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_trained_lora_loads_in_diffusers_like_the_live_network(tmp_path, family):
+def test_trained_lora_loads_in_diffusers_and_sdlora_like_the_live_network(tmp_path, family):
     pipe = tiny_pipeline(family)
     before = probe_outputs(pipe)
     cfg = tiny_cfg(tmp_path, steps=3, train_text_encoder=True, unet_targets=["attn", "proj", "ff"],
@@ -29,9 +31,13 @@ def test_trained_lora_loads_in_diffusers_like_the_live_network(tmp_path, family)
     fresh = tiny_pipeline(family)
     fresh.load_lora_weights(str(result.output))
     theirs = probe_outputs(fresh)
+    ours_pipe = tiny_pipeline(family)                # sdlora's own loader + weight patching
+    Mixer(ours_pipe).apply([MixEntry(str(result.output))])
+    ours = probe_outputs(ours_pipe)
     for comp in live:
         assert (live[comp] - before[comp]).abs().max() > 1e-4, comp
         torch.testing.assert_close(theirs[comp], live[comp], rtol=1e-4, atol=1e-5, msg=comp)
+        torch.testing.assert_close(ours[comp], live[comp], rtol=1e-4, atol=1e-5, msg=comp)
     keys = set(load_file(result.output))
     if family == "sd1":
         expected = ["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
