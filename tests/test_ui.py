@@ -383,9 +383,9 @@ def test_mix_block_preset_and_xy_grid(ctx):
     assert f"{down_block}.lora_up.weight" not in keys              # OUTD switches the input blocks off
     res = preview(ctx, [("style", 1.0, "OUTD")], "a red circle", seed=3, steps=2)
     assert "<lora:style:1:lbw=OUTD>" in read_png(res.paths[0]).prompt
-    path, n = xy_plot(ctx, [("style", 1.0, None), ("style2", 1.0, None)], 0, "0, 1", 1, "-1:1:3", "a red circle",
+    path, n, info = xy_plot(ctx, [("style", 1.0, None), ("style2", 1.0, None)], 0, "0, 1", 1, "-1:1:3", "a red circle",
                       seed=3, steps=2)
-    assert n == 6
+    assert n == 6 and "X = style weight 0, 1; Y = style2 weight -1, 0, 1" in info
     with Image.open(path) as grid:
         cell = 128                                                  # 64 px cells scaled up for the labels
         assert grid.width > 2 * cell and grid.height > 3 * cell

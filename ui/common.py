@@ -14,7 +14,7 @@ def status_html(text: str = "", kind: str = "info") -> str:
     """A status line for the page (kind: info | ok | error | busy); the text is escaped."""
     if not text:
         return ""
-    icon = {"error": "✖ ", "ok": "✔ ", "busy": "⏳ "}.get(kind, "")
+    icon = {"error": "✖ ", "ok": "✔ ", "busy": "● "}.get(kind, "")
     body = html.escape(text).replace("\n", "<br>")
     return f'<div class="sdl-status sdl-{kind}" role="status">{icon}{body}</div>'
 

@@ -181,6 +181,7 @@ def build(ctx):
             with gr.Row():
                 width = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
                 height = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
+            with gr.Row():
                 batch_size = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="gen-batch-size")
                 batch_count = gr.Slider(1, MAX_COUNT, value=1, step=1, label="Batch count", elem_id="gen-batch-count")
             with gr.Row():

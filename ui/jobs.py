@@ -287,7 +287,7 @@ def run_training(job: Job, cfg, *, device: DeviceLock, load_base: Callable[[], o
             job.update(message=f"waiting for the device ({holder})")
 
     with device.hold(f"training {job.title}", on_wait=waiting):
-        callbacks.on_status("loading", f"base model {cfg.base or '(embedded)'}")
+        job.update(phase="loading", message="loading a copy of the base model for training")
         base = load_base()
         result = train(cfg, callbacks=callbacks, control=job.control, base=base)
     job.update(status=result.status, output=str(result.output) if result.output else None,

@@ -102,9 +102,9 @@ def build(ctx, gen: dict):
         rescan = gr.Button("Rescan folder", size="sm", elem_id="lib-rescan", scale=1)
     status = gr.HTML(elem_id="lib-status", js_on_load=None)
     with gr.Row(equal_height=False):
-        with gr.Column(scale=3):
+        with gr.Column(scale=2):
             cards = gr.HTML(cards_html(ctx), js_on_load=CARD_JS, elem_id="lib-cards")
-        with gr.Column(scale=1, min_width=300):
+        with gr.Column(scale=1, min_width=400):
             meta = gr.JSON(label="Metadata (sdlora inspect)", elem_id="lib-meta", open=True, max_height=700)
 
     def on_click(evt: gr.EventData, prompt, w):

@@ -49,7 +49,7 @@ def preview(ctx, rows, prompt, *, negative="", seed=1, steps=20, cfg=7.0, sample
 def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, prompt, *, negative="", seed=1,
             steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None, height=None, progress=None):
     """A grid of images: LoRA `x_slot`'s weight along X, `y_slot`'s along Y, everything else fixed.
-    Returns (grid PNG path, number of cells)."""
+    Returns (grid PNG path, number of cells, its description)."""
     progress = progress or GradioProgress()
     xs, ys = parse_values(x_text, "X values"), parse_values(y_text, "Y values")
     names = [r[0] for r in rows]
@@ -81,7 +81,7 @@ def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, promp
     info = (f"XY grid: X = {names[x_slot]} weight {', '.join(f'{v:g}' for v in xs)}; "
             f"Y = {names[y_slot]} weight {', '.join(f'{v:g}' for v in ys)}\n{prompt}")
     path = save_png(Generated(grid, int(seed), info), folder)
-    return path, total
+    return path, total, info
 
 
 def save_mixed(ctx, rows, name: str, rank: int | None, overwrite: bool = False):
@@ -187,11 +187,11 @@ def build(ctx):
         try:
             rows = rows_of(vals[:3 * MIX_SLOTS])
             xs, xv, ys, yv, *g = vals[3 * MIX_SLOTS:]
-            path, n = xy_plot(ctx, rows, int(xs), xv, int(ys), yv, g[0], progress=GradioProgress(progress),
-                              **gen_kwargs(g))
+            path, n, info = xy_plot(ctx, rows, int(xs), xv, int(ys), yv, g[0], progress=GradioProgress(progress),
+                                    **gen_kwargs(g))
         except Exception as e:  # noqa: BLE001
             return gr.skip(), gr.skip(), error_html(e, "XY grid")
-        return str(path), gr.skip(), status_html(f"XY grid of {n} images: {path.name}", "ok")
+        return str(path), info, status_html(f"XY grid of {n} images: {path.name}", "ok")
 
     grid_btn.click(on_grid, slot_inputs + [x_slot, x_values, y_slot, y_values] + gen_inputs, [image, infotext, status],
                    concurrency_limit=None)

@@ -149,8 +149,8 @@ def status_of(snap: dict | None) -> str:
         return ""
     if snap["status"] == "failed":
         return status_html(f"Training {snap['title']} failed: {snap['error']}", "error")
-    if snap["active"]:
-        return status_html(snap["message"] or snap["status"], "busy")
+    if snap["active"]:   # the bar says it all while steps run; other phases (loading, caching, ...) say what they do
+        return "" if snap["phase"] == "training" else status_html(snap["message"] or snap["status"], "busy")
     if snap["output"]:
         return status_html(f"{snap['status']}: LoRA written to {snap['output']} — it is in the Generate and "
                            "Mix pickers now", "ok")
@@ -158,6 +158,8 @@ def status_of(snap: dict | None) -> str:
 
 
 def loss_frame(snap: dict | None):
+    """The loss curve as the plot wants it; None before the first step (an empty frame would leave
+    gradio's plot without series, so later updates drew no lines)."""
     import pandas as pd
     rows = []
     for step, loss, smooth in (snap or {}).get("losses", []):
@@ -165,7 +167,11 @@ def loss_frame(snap: dict | None):
             rows.append({"step": step, "loss": loss, "series": "loss"})
         if math.isfinite(smooth):
             rows.append({"step": step, "loss": smooth, "series": "smoothed"})
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    if not rows:
+        return None
+    return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
+                         "series": pd.Series([r["series"] for r in rows], dtype="str")})
 
 
 def view(ctx, seen):
@@ -253,8 +259,8 @@ def build(ctx, timer: gr.Timer):
         with gr.Column(scale=2, min_width=320):
             status = gr.HTML(elem_id="train-status", js_on_load=None)
             progress = gr.HTML(progress_html(None), elem_id="train-progress", js_on_load=None)
-            plot = gr.LinePlot(loss_frame(None), x="step", y="loss", color="series", title="Training loss",
-                               elem_id="train-loss", height=260)
+            plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
+                               color_map={"loss": "#9ca3af", "smoothed": "#2563eb"}, elem_id="train-loss", height=260)
             samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train-samples", interactive=False)
             log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log", autoscroll=True)
     fields = [s["name"] for s in specs if s["name"] in comps]
