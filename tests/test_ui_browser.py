@@ -281,10 +281,13 @@ def test_mix_preview_grid_and_save(page, app):
 
 
 def test_sdlora_ui_command(tmp_path):
-    """`sdlora ui` loads the base, binds 127.0.0.1, prints the URL and stops cleanly on Ctrl-C."""
+    """`sdlora ui` loads the base, binds 127.0.0.1, asks for --auth, prints the URL, stops cleanly on Ctrl-C."""
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
     port = _free_port()
     cmd = [sys.executable, "-m", "sdlora.cli", "ui", "--port", str(port), "--loras", str(tmp_path / "loras"),
-           "--outputs", str(tmp_path / "outputs")]
+           "--outputs", str(tmp_path / "outputs"), "--auth", "me:s3cret"]
     spec = base_spec()
     if spec:
         cmd += ["--base", spec]
@@ -302,9 +305,20 @@ def test_sdlora_ui_command(tmp_path):
                 url = m[1]
                 break
         assert url == f"http://127.0.0.1:{port}/", "".join(lines)
-        with urllib.request.urlopen(url, timeout=30) as r:
-            assert r.status == 200 and b"sdlora" in r.read()
         assert _listening_addresses(port) in ([], ["0100007F"])        # loopback only (or no /proc to tell)
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with pytest.raises(urllib.error.HTTPError) as err:
+            opener.open(f"{url}gradio_api/login_check", timeout=30)
+        assert err.value.code == 401
+        for password, ok in [("wrong", False), ("s3cret", True)]:
+            form = urllib.parse.urlencode({"username": "me", "password": password}).encode()
+            try:
+                with opener.open(f"{url}login", data=form, timeout=30) as r:
+                    assert ok and r.status == 200
+            except urllib.error.HTTPError as e:
+                assert not ok and e.code == 400
+        with opener.open(f"{url}gradio_api/login_check", timeout=30) as r:
+            assert r.status == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

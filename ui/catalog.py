@@ -87,23 +87,25 @@ class Catalog:
         self._thumbs: dict[tuple, str] = {}
         self._lock = threading.Lock()
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[tuple[Path, os.stat_result]]:
+        """The LoRA files (recursively, hidden ones skipped) with their stat, sorted by name."""
         if not self.folder.is_dir():
             return []
         out = []
         for root, dirs, names in os.walk(self.folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            out += [Path(root) / n for n in names if n.lower().endswith(LORA_EXTS) and not n.startswith(".")]
-        return sorted(out, key=lambda p: (p.stem.lower(), str(p)))
+            for n in names:
+                if n.lower().endswith(LORA_EXTS) and not n.startswith("."):
+                    try:
+                        out.append((Path(root) / n, (Path(root) / n).stat()))
+                    except OSError:       # removed meanwhile, or a dangling link
+                        continue
+        return sorted(out, key=lambda ps: (ps[0].stem.lower(), str(ps[0])))
 
     def signature(self) -> tuple:
         """Changes whenever a LoRA file (or its preview) is added, removed or rewritten."""
         sig = []
-        for p in self.files():
-            try:
-                st = p.stat()
-            except OSError:
-                continue
+        for p, st in self.files():
             prev = find_preview(p)
             sig.append((str(p), st.st_size, st.st_mtime_ns, prev.stat().st_mtime_ns if prev else 0))
         return tuple(sig)
@@ -111,11 +113,7 @@ class Catalog:
     def entries(self) -> list[LoraEntry]:
         from sdlora.inspect import inspect_lora
         out = []
-        for p in self.files():
-            try:
-                st = p.stat()
-            except OSError:
-                continue
+        for p, st in self.files():
             key = (st.st_size, st.st_mtime_ns)
             with self._lock:
                 cached = self._cache.get(str(p))
