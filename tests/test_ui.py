@@ -456,6 +456,7 @@ def test_start_training_refuses_bad_input(ctx, tmp_path):
     assert ctx.jobs.latest("train") is None                       # nothing was started
 
 
+@pytest.mark.filterwarnings("ignore:resuming with other settings")
 def test_training_job_shared_state_stop_resume(ctx):
     """A training runs in the background; generation runs between its steps; every page (session)
     sees the same job; stop saves a checkpoint and the LoRA; resume continues to the end."""
@@ -484,6 +485,7 @@ def test_training_job_shared_state_stop_resume(ctx):
                           values={**values, "steps": stopped_at + 2}, preset="tiny-cpu-demo", resume=True)
     assert ctx.jobs.wait(job2, 120) and job2.status == "done", job2.snapshot()
     assert job2.losses[0][0] == stopped_at + 1 and job2.step == stopped_at + 2
+    assert any("warning: resuming with other settings (total steps)" in line for line in job2.log)  # shown in the page
     done = view(ctx, None)
     assert 'data-status="done"' in done[0] and "bg.safetensors" in done[0]
     assert len(done[1]) == 2 * (job2.step - stopped_at) and len(done[2]) == 0     # loss + smoothed per step; no samples asked

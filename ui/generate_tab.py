@@ -129,6 +129,7 @@ def reuse_updates(text: str) -> list:
     values = [s[k] if k in s else gr.skip() for k in REUSE_FIELDS]
     return values + [[], status_html("parameters reused" + note, "ok")]
 
+
 def slot_updates(picked, prev_names, unet_values, te_values):
     """Show one row of sliders per picked LoRA, keeping each LoRA's weights when the choice changes."""
     picked = list(picked or [])[:MAX_SLOTS]
@@ -250,9 +251,4 @@ def build(ctx):
     reuse_shown.click(reuse_updates, infotext, settings_out, show_progress="hidden")
     return dict(prompt=prompt, negative=negative, picker=picker, status=status, gallery=gallery,
                 infotext=infotext, seed=seed, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
-
-
-def refresh_choices(ctx):
-    """Picker update after the LoRA folder changed (new training output, saved mix)."""
-    return gr.update(choices=ctx.catalog.names(ctx.family))
 
