@@ -137,6 +137,9 @@ def run(args) -> int:
     url = launch(demo, ctx, host=server_name(args.listen), port=args.port, auth=auth)
     shown = url.replace("0.0.0.0", "127.0.0.1") if url else f"http://127.0.0.1:{args.port}/"
     print(f"sdlora UI running at {shown}" + (" (listening on every interface)" if args.listen else ""), flush=True)
+    if args.listen and not auth:
+        print("warning: --listen without --auth: anyone who can reach this machine can use the UI, train and "
+              "write files into the output and LoRA folders", file=sys.stderr, flush=True)
     print("press Ctrl-C to stop", flush=True)
     try:
         while True:

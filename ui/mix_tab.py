@@ -200,6 +200,8 @@ def build(ctx):
         try:
             rows = rows_of(vals[:3 * MIX_SLOTS])
             name, how, r, over = vals[3 * MIX_SLOTS:]
+            if not how.startswith("exact") and not r:
+                raise SdloraError("reduced rank: enter the rank to keep (e.g. 16)")
             path, mixed = save_mixed(ctx, rows, name, None if how.startswith("exact") else r, bool(over))
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Saving the mix")
