@@ -505,3 +505,13 @@ def test_app_arguments():
     for bad in ["me", ":x", "me:"]:
         with pytest.raises(ValueError, match="USER:PASS"):
             parse_auth(bad)
+
+
+def test_grid_values():
+    from sdlora.grid import MAX_VALUES, parse_values
+    assert parse_values("0, 0.5,1") == [0.0, 0.5, 1.0]
+    assert parse_values("-1:1:5") == [-1.0, -0.5, 0.0, 0.5, 1.0] and parse_values("0.3:9:1") == [0.3]
+    for bad, msg in [("", "empty"), ("a, b", "not a list"), ("0:1:0", "not a list"), ("1, inf", "finite"),
+                     (",".join(["1"] * (MAX_VALUES + 1)), "at most")]:
+        with pytest.raises(SdloraError, match=msg):
+            parse_values(bad)
