@@ -122,11 +122,18 @@ def tab(page, name):
     page.get_by_role("tab", name=name).click()
 
 
+def close_lists(page):
+    """Close an open dropdown list and wait until it is gone (the next dropdown must not see its options)."""
+    page.keyboard.press("Escape")
+    page.wait_for_function("document.querySelectorAll('[role=option]').length === 0")
+
+
 def pick(page, selector, name):
     """Choose `name` in a gradio dropdown."""
     page.click(f"{selector} input")
     page.keyboard.type(name)
     page.get_by_role("option", name=name, exact=True).click()
+    close_lists(page)
 
 
 def options(page, selector, text, expect: str) -> list[str]:
@@ -138,8 +145,8 @@ def options(page, selector, text, expect: str) -> list[str]:
     except Exception:  # noqa: BLE001 - not offered (yet)
         pass
     found = page.get_by_role("option").all_inner_texts()
-    page.keyboard.press("Escape")
     page.locator(f"{selector} input").fill("")
+    close_lists(page)
     return [o.strip() for o in found]
 
 
