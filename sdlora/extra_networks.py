@@ -1,6 +1,8 @@
 """LoRAs named in a prompt (A1111's extra-network syntax) or on the command line.
 
     <lora:NAME>  <lora:NAME:W>  <lora:NAME:TE:UNET>  <lora:NAME:te=0.5:unet=1>  (<lyco:...> alike)
+    <lora:NAME:W:lbw=OUTD>  <lora:NAME:W:lbw=1,0,0,...>   (per-block weights, as the A1111
+                                                           LoRA Block Weight extension writes them)
     --lora PATH  --lora PATH:W  --lora PATH:TE:UNET
 
 As in A1111, W is the text-encoder multiplier and the UNet multiplier defaults to it; the tags are
@@ -9,12 +11,14 @@ LoRA folder, exactly first, then ignoring case.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlora.blocks import parse_lbw
 from sdlora.errors import SdloraError
 
 LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")
@@ -27,12 +31,13 @@ class LoraRef:
     te: float = 1.0           # A1111 te_multiplier
     unet: float = 1.0         # A1111 unet_multiplier
     path: Path | None = None  # resolved file
+    blocks: str | None = None # LoRA Block Weight spec (`lbw=`): a preset name or 12/17/20/26 numbers
 
     @property
     def tag(self) -> str:
-        """The A1111 prompt tag that names this LoRA with its multipliers."""
+        """The A1111 prompt tag that names this LoRA with its multipliers (and block weights)."""
         w = f"{self.te:g}" if self.te == self.unet else f"{self.te:g}:{self.unet:g}"
-        return f"<lora:{self.name}:{w}>"
+        return f"<lora:{self.name}:{w}{f':lbw={self.blocks}' if self.blocks else ''}>"
 
 
 def _number(text: str, what: str) -> float:
@@ -53,16 +58,22 @@ def _parse_tag(body: str, original: str) -> LoraRef:
     for a in args:
         key, eq, value = a.partition("=")
         if eq:
-            if key.strip() not in ("te", "unet", "dyn"):
-                raise SdloraError(f"{original}: unknown option {key.strip()!r}; expected te=, unet= (or dyn=)")
-            named[key.strip()] = value
+            if key.strip() not in ("te", "unet", "dyn", "lbw"):
+                raise SdloraError(f"{original}: unknown option {key.strip()!r}; expected te=, unet=, lbw= (or dyn=)")
+            named[key.strip()] = value.strip()
         else:
             positional.append(a)
     if len(positional) > 3:
         raise SdloraError(f"{original}: too many values; expected <lora:NAME:WEIGHT> or <lora:NAME:TE:UNET>")
     te = _number(named.get("te", positional[0] if positional else "1"), original)
     unet = _number(named.get("unet", positional[1] if len(positional) > 1 else str(te)), original)
-    return LoraRef(name, te, unet)
+    blocks = named.get("lbw") or None
+    if blocks is not None:
+        try:
+            parse_lbw(blocks)   # a bad block spec fails here, with the tag in view
+        except SdloraError as e:
+            raise SdloraError(f"{original}: {e}") from None
+    return LoraRef(name, te, unet, blocks=blocks)
 
 
 def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
@@ -116,4 +127,4 @@ def find_lora(name: str, folder) -> Path:
 
 
 def resolve(refs: list[LoraRef], folder) -> list[LoraRef]:
-    return [r if r.path else LoraRef(r.name, r.te, r.unet, find_lora(r.name, folder)) for r in refs]
+    return [r if r.path else dataclasses.replace(r, path=find_lora(r.name, folder)) for r in refs]

@@ -14,6 +14,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,7 +46,7 @@ def apply_loras(pipe, loras: list[LoraRef]) -> None:
     if mixer is None:
         mixer = Mixer(pipe)
         pipe._sdlora_mixer = mixer
-    mixer.apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te) for r in loras])
+    mixer.apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in loras])
 
 
 def lora_hash(path: Path) -> str:
@@ -63,9 +64,10 @@ def native_size(pipe) -> int:
 def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = (), seed: int = -1,
              steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER,
              width: int | None = None, height: int | None = None, batch: int = 1, lora_dir=DEFAULT_LORA_DIR,
-             progress: bool = True) -> list[Generated]:
+             progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> list[Generated]:
     """Images for `prompt` on `base` (a pipelines.BaseModel). `<lora:...>` tags in the prompt are
-    looked up in `lora_dir` and applied with `loras` (explicit LoraRefs with paths)."""
+    looked up in `lora_dir` and applied with `loras` (explicit LoraRefs with paths).
+    `on_step(done, total)` is called after each denoising step (the UI's progress bar)."""
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
     sampler = sampler_name(sampler)
@@ -80,10 +82,17 @@ def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = ()
     seeds = [seed + i for i in range(batch)]
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
+    step_kw = {}
+    if on_step is not None:
+        def step_end(p, i, t, tensors):
+            # Heun/DPM2 evaluate twice per step: the pipeline's own count is the total
+            on_step(i + 1, getattr(p, "num_timesteps", None) or steps)
+            return tensors
+        step_kw["callback_on_step_end"] = step_end
     with torch.no_grad():
         images = pipe([text] * batch, negative_prompt=[negative] * batch if negative else None,
                       num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **step_kw).images
     # the infotext keeps the prompt as written (with its tags) plus tags for --lora LoRAs, as A1111
     # does, so "reuse parameters" brings the LoRAs back
     shown = " ".join([prompt] + [r.tag for r in loras]).strip()

@@ -1,0 +1,254 @@
+"""The Generate tab: prompt (A1111 `<lora:...>` tags), LoRA picker with per-LoRA weights, sampler
+settings, a gallery with infotexts, "reuse parameters", PNGs saved with A1111 infotext.
+
+`run_generation` is the whole action without Gradio: it calls `sdlora.generate.generate` and
+`save_png` (what `sdlora generate` calls) under the device lock. The Mix tab uses it too.
+"""
+from __future__ import annotations
+
+import datetime
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from sdlora.errors import FamilyMismatchError, SdloraError
+from sdlora.extra_networks import LoraRef, parse_prompt
+from sdlora.generate import DEFAULT_CFG, DEFAULT_STEPS, generate, native_size, save_png
+from sdlora.infotext import parse as parse_infotext
+from sdlora.infotext import read_png
+from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
+from sdlora.ui.common import GradioProgress, error_html, status_html
+from sdlora.ui.paths import check_image
+
+MAX_SLOTS = 6           # LoRAs chosen in the picker (any number more can go in the prompt as tags)
+MAX_BATCH, MAX_COUNT = 8, 16
+
+
+@dataclass
+class GenerationResult:
+    paths: list[Path] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    images: list = field(default_factory=list)       # PIL images, in order
+    seconds: float = 0.0
+
+
+def picked_refs(ctx, picked) -> list[LoraRef]:
+    """LoraRefs for the picker's (name, unet weight, te weight) rows; a LoRA that is gone or does not
+    fit the loaded base model is refused with the reason."""
+    refs = []
+    for name, unet, te, *rest in picked:
+        entry = ctx.catalog.get(name)
+        if entry is None:
+            raise SdloraError(f"LoRA {name!r} is not in {ctx.loras_dir}; pick one from the list")
+        why = entry.misfit_reason(ctx.family)
+        if why:
+            raise FamilyMismatchError(why)
+        refs.append(LoraRef(name, float(te), float(unet), entry.path, blocks=(rest[0] if rest else None) or None))
+    return refs
+
+
+def output_folder(ctx, kind: str = "txt2img") -> Path:
+    return ctx.outputs_dir / kind / datetime.date.today().isoformat()
+
+
+def run_generation(ctx, prompt: str, *, negative: str = "", loras=(), sampler: str = DEFAULT_SAMPLER,
+                   steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1, width: int | None = None,
+                   height: int | None = None, batch_size: int = 1, batch_count: int = 1,
+                   progress=None, save_to: Path | None = None, who: str = "generation") -> GenerationResult:
+    """Generate `batch_count` batches of `batch_size` images (seeds seed, seed+1, ... across all of
+    them, as A1111), save each as a PNG with its infotext; returns paths, infotexts and seeds."""
+    progress = progress or GradioProgress()
+    steps, batch_size, batch_count = int(steps), int(batch_size), int(batch_count)
+    if not 1 <= batch_size <= MAX_BATCH or not 1 <= batch_count <= MAX_COUNT:
+        raise SdloraError(f"batch size must be 1-{MAX_BATCH} and batch count 1-{MAX_COUNT}")
+    parse_prompt(prompt)                         # a malformed tag fails before waiting for the device
+    seed = int(seed) if seed is not None else -1
+    if seed < 0:
+        seed = random.randrange(2**32 - 1)
+    out = GenerationResult()
+    folder = save_to or output_folder(ctx)
+    progress(0.0, "waiting for the device")
+    with ctx.device_lock.hold(who, on_wait=lambda holder: progress(0.0, f"queued: the device is busy ({holder})")):
+        t0 = time.time()
+        base = ctx.base
+        for n in range(batch_count):
+            def on_step(done, total, n=n):
+                progress((n + done / total) / batch_count, f"batch {n + 1}/{batch_count}: step {done}/{total}")
+            results = generate(base, prompt, negative=negative, loras=list(loras), seed=seed + n * batch_size,
+                               steps=steps, cfg=float(cfg), sampler=sampler, width=int(width) if width else None,
+                               height=int(height) if height else None, batch=batch_size, lora_dir=ctx.loras_dir,
+                               progress=False, on_step=on_step)
+            for r in results:
+                out.paths.append(save_png(r, folder))
+                out.infotexts.append(r.infotext)
+                out.seeds.append(r.seed)
+                out.images.append(r.image)
+        out.seconds = time.time() - t0
+    progress(1.0, "done")
+    return out
+
+
+def reuse_settings(text: str) -> dict:
+    """The generation settings in an infotext (A1111/Forge/Civitai/sdlora), for "reuse parameters"."""
+    if not (text or "").strip():
+        raise SdloraError("no parameters to reuse: paste an infotext or drop a PNG made by A1111, ComfyUI "
+                          "(A1111 format) or sdlora")
+    return parse_infotext(text).settings()
+
+
+def infotext_of_png(path) -> str:
+    """The `parameters` text of an uploaded PNG (checked to be an image first)."""
+    check_image(path)
+    info = read_png(path)
+    if info is None:
+        raise SdloraError(f"{Path(path).name} has no generation parameters (no A1111 `parameters` text chunk)")
+    return info.build()
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+REUSE_FIELDS = ("prompt", "negative", "sampler", "steps", "cfg", "seed", "width", "height")
+
+
+def reuse_updates(text: str) -> list:
+    """Outputs of "reuse parameters": the REUSE_FIELDS (unchanged where the infotext lacks them), the
+    LoRA picker (emptied: the LoRAs are tags in the reused prompt) and a status line."""
+    try:
+        s = reuse_settings(text)
+    except Exception as e:  # noqa: BLE001
+        return [gr.skip()] * (len(REUSE_FIELDS) + 1) + [error_html(e, "Reuse parameters")]
+    note = ""
+    if s.get("sampler") is not None and s["sampler"] not in SAMPLERS:
+        note = f" (sampler {s.pop('sampler')!r} is not available here; kept the current one)"
+    s.setdefault("negative", "")
+    values = [s[k] if k in s else gr.skip() for k in REUSE_FIELDS]
+    return values + [[], status_html("parameters reused" + note, "ok")]
+
+
+def slot_updates(picked, prev_names, unet_values, te_values):
+    """Show one row of sliders per picked LoRA, keeping each LoRA's weights when the choice changes."""
+    picked = list(picked or [])[:MAX_SLOTS]
+    prev = {n: (u, t) for n, u, t in zip(prev_names or [], unet_values, te_values)}
+    rows, unets, tes = [], [], []
+    for i in range(MAX_SLOTS):
+        if i < len(picked):
+            u, t = prev.get(picked[i], (1.0, 1.0))
+            rows.append(gr.update(visible=True))
+            unets.append(gr.update(value=u, label=f"{picked[i]}: weight (UNet)"))
+            tes.append(gr.update(value=t, label="text-encoder weight"))
+        else:
+            rows.append(gr.update(visible=False))
+            unets.append(gr.update(value=1.0))
+            tes.append(gr.update(value=1.0))
+    return [*rows, *unets, *tes, picked]
+
+
+def build(ctx):
+    """The tab's components (returned, so the app can wire other tabs to them) and events."""
+    base = ctx.base
+    side = native_size(base.pipe)
+    names = ctx.catalog.names(ctx.family)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
+                                placeholder="a red circle on a blue background <lora:NAME:0.8>  "
+                                            "(<lora:NAME:TE:UNET> sets the text-encoder weight first, as in A1111)")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
+        with gr.Column(scale=1, min_width=220):
+            go = gr.Button("Generate", variant="primary", elem_id="gen-go", size="lg")
+            status = gr.HTML(elem_id="gen-status", js_on_load=None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            picker = gr.Dropdown(choices=names, value=[], multiselect=True, max_choices=MAX_SLOTS,
+                                 label=f"LoRAs (from {ctx.loras_dir}; only those that fit {base.name})",
+                                 elem_id="gen-loras")
+            rows, unet_sliders, te_sliders = [], [], []
+            for i in range(MAX_SLOTS):
+                with gr.Row(visible=False, elem_id=f"gen-slot-{i}") as row:
+                    unet_sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight (UNet)",
+                                                  elem_id=f"gen-slot-{i}-unet", scale=2))
+                    te_sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="text-encoder weight",
+                                                elem_id=f"gen-slot-{i}-te", scale=2))
+                rows.append(row)
+            with gr.Row():
+                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-sampler")
+                steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="gen-steps")
+                cfg = gr.Slider(1, 30, value=DEFAULT_CFG, step=0.5, label="CFG scale", elem_id="gen-cfg")
+            with gr.Row():
+                width = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
+                height = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
+            with gr.Row():
+                batch_size = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="gen-batch-size")
+                batch_count = gr.Slider(1, MAX_COUNT, value=1, step=1, label="Batch count", elem_id="gen-batch-count")
+            with gr.Row():
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed", scale=3)
+                random_seed = gr.Button("random", size="sm", scale=1, elem_id="gen-seed-random")
+                last_seed = gr.Button("last seed", size="sm", scale=1, elem_id="gen-seed-last")
+            with gr.Accordion("Reuse parameters (paste an infotext or drop a PNG)", open=False, elem_id="gen-reuse-box"):
+                paste = gr.Textbox(label="Infotext", lines=4, elem_id="gen-paste",
+                                   placeholder="a red circle <lora:neon:0.8>\nNegative prompt: ...\nSteps: 20, Sampler: ...")
+                png = gr.File(label="PNG with parameters", file_types=[".png"], type="filepath", elem_id="gen-png")
+                reuse = gr.Button("Reuse parameters", elem_id="gen-reuse")
+        with gr.Column(scale=2, min_width=320):
+            gallery = gr.Gallery(label="Results", columns=3, height=420, object_fit="contain", elem_id="gen-gallery",
+                                 format="png", interactive=False)
+            infotext = gr.Textbox(label="Infotext of the selected image", lines=5, elem_id="gen-infotext",
+                                  buttons=["copy"])
+            reuse_shown = gr.Button("Reuse this image's parameters", size="sm", elem_id="gen-reuse-shown")
+
+    picked_names = gr.State([])        # per browser tab
+    infotexts = gr.State([])
+    used_seed = gr.State(None)
+
+    picker.change(lambda p, prev, *v: slot_updates(p, prev, v[:MAX_SLOTS], v[MAX_SLOTS:]),
+                  [picker, picked_names, *unet_sliders, *te_sliders],
+                  [*rows, *unet_sliders, *te_sliders, picked_names], show_progress="hidden")
+
+    def on_generate(prompt_, negative_, picked, *rest, progress=gr.Progress()):
+        n = MAX_SLOTS
+        unets, tes = rest[:n], rest[n:2 * n]
+        sampler_, steps_, cfg_, seed_, w, h, bs, bc = rest[2 * n:]
+        try:
+            refs = picked_refs(ctx, [(name, unets[i], tes[i]) for i, name in enumerate((picked or [])[:n])])
+            res = run_generation(ctx, prompt_, negative=negative_, loras=refs, sampler=sampler_, steps=steps_,
+                                 cfg=cfg_, seed=seed_, width=w, height=h, batch_size=bs, batch_count=bc,
+                                 progress=GradioProgress(progress))
+        except Exception as e:  # noqa: BLE001 - every failure is shown in the page
+            return gr.skip(), gr.skip(), error_html(e, "Generation"), gr.skip(), gr.skip()
+        items = [(str(p), f"seed {s}") for p, s in zip(res.paths, res.seeds)]
+        note = (f"{len(res.paths)} image(s) in {res.seconds:.1f} s · seed used: {res.seeds[0]}"
+                f"{f'..{res.seeds[-1]}' if len(res.seeds) > 1 else ''} · saved in {res.paths[0].parent}")
+        return items, res.infotexts[0], status_html(note, "ok"), res.infotexts, res.seeds[0]
+
+    go.click(on_generate, [prompt, negative, picker, *unet_sliders, *te_sliders, sampler, steps, cfg, seed,
+                           width, height, batch_size, batch_count],
+             [gallery, infotext, status, infotexts, used_seed], concurrency_limit=None, show_progress_on=[gallery])
+
+    def on_select(texts, evt: gr.SelectData):
+        return texts[evt.index] if texts and evt.index is not None and evt.index < len(texts) else gr.skip()
+
+    gallery.select(on_select, [infotexts], [infotext], show_progress="hidden")
+    random_seed.click(lambda: -1, None, seed, show_progress="hidden")
+    last_seed.click(lambda s: s if s is not None else gr.skip(), used_seed, seed, show_progress="hidden")
+
+    def on_png(path):
+        if not path:
+            return gr.skip(), gr.skip()
+        try:
+            return infotext_of_png(path), status_html(f"read the parameters of {Path(path).name}", "ok")
+        except Exception as e:  # noqa: BLE001
+            return gr.skip(), error_html(e, "Reading the PNG")
+
+    png.upload(on_png, png, [paste, status], show_progress="hidden")
+
+    settings_out = [prompt, negative, sampler, steps, cfg, seed, width, height, picker, status]
+    reuse.click(reuse_updates, paste, settings_out, show_progress="hidden")
+    reuse_shown.click(reuse_updates, infotext, settings_out, show_progress="hidden")
+    return dict(prompt=prompt, negative=negative, picker=picker, status=status, gallery=gallery,
+                infotext=infotext, seed=seed, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
+

@@ -1,0 +1,211 @@
+"""The Mix tab: several LoRAs with weights (negative too) and block-weight presets, a fixed-seed
+preview, an XY grid over two LoRAs' weights, and "save mix as one LoRA" (exact or reduced rank).
+
+Preview and grid go through `run_generation` (-> `sdlora.generate.generate`, block weights as A1111
+`lbw=` tags); saving calls `sdlora.merge.mix_loras` / `save_mix`, the functions of `sdlora mix`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import gradio as gr
+
+from sdlora.blocks import PRESETS
+from sdlora.errors import SdloraError
+from sdlora.generate import native_size, save_png
+from sdlora.grid import parse_values, xy_grid
+from sdlora.merge import mix_loras, save_mix
+from sdlora.mixing import MixEntry
+from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
+from sdlora.ui.common import GradioProgress, error_html, status_html
+from sdlora.ui.generate_tab import output_folder, picked_refs, run_generation
+from sdlora.ui.paths import safe_name
+
+MIX_SLOTS = 4
+ALL_BLOCKS = "(all blocks)"
+
+
+def mix_refs(ctx, rows):
+    """LoraRefs of the filled rows (name, weight, block preset or list); at least one."""
+    picked = []
+    for name, weight, blocks in rows:
+        if name:
+            spec = None if not blocks or blocks == ALL_BLOCKS else str(blocks).strip()
+            picked.append((name, weight, weight, spec))
+    if not picked:
+        raise SdloraError("the mix is empty: choose at least one LoRA")
+    return picked_refs(ctx, picked)
+
+
+def preview(ctx, rows, prompt, *, negative="", seed=1, steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None,
+            height=None, progress=None):
+    refs = mix_refs(ctx, rows)
+    return run_generation(ctx, prompt, negative=negative, loras=refs, seed=seed, steps=steps, cfg=cfg,
+                          sampler=sampler, width=width, height=height, progress=progress,
+                          save_to=output_folder(ctx, "mix"), who="mix preview")
+
+
+def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, prompt, *, negative="", seed=1,
+            steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None, height=None, progress=None):
+    """A grid of images: LoRA `x_slot`'s weight along X, `y_slot`'s along Y, everything else fixed.
+    Returns (grid PNG path, number of cells, its description)."""
+    progress = progress or GradioProgress()
+    xs, ys = parse_values(x_text, "X values"), parse_values(y_text, "Y values")
+    names = [r[0] for r in rows]
+    for slot in (x_slot, y_slot):
+        if not 0 <= slot < len(rows) or not names[slot]:
+            raise SdloraError(f"LoRA {slot + 1} is empty: choose a LoRA in that row or another axis")
+    if x_slot == y_slot:
+        raise SdloraError("X and Y are the same LoRA; pick two different rows")
+    refs = mix_refs(ctx, rows)
+    filled = [i for i, r in enumerate(rows) if r[0]]             # rows index -> refs index
+    ix, iy = filled.index(x_slot), filled.index(y_slot)
+    grid_rows, n, total = [], 0, len(xs) * len(ys)
+    folder = output_folder(ctx, "xy")
+    for y in ys:
+        row = []
+        for x in xs:
+            cell = list(refs)
+            cell[ix] = dataclasses.replace(cell[ix], te=x, unet=x)
+            cell[iy] = dataclasses.replace(cell[iy], te=y, unet=y)
+            sub = (lambda f, d, n=n: progress((n + f) / total, f"cell {n + 1}/{total}: {d}"))
+            res = run_generation(ctx, prompt, negative=negative, loras=cell, seed=seed, steps=steps, cfg=cfg,
+                                 sampler=sampler, width=width, height=height, progress=sub, save_to=folder,
+                                 who="XY grid")
+            row.append(res.images[0])
+            n += 1
+        grid_rows.append(row)
+    grid = xy_grid(grid_rows, x_title=names[x_slot], x_values=xs, y_title=names[y_slot], y_values=ys)
+    from sdlora.generate import Generated
+    info = (f"XY grid: X = {names[x_slot]} weight {', '.join(f'{v:g}' for v in xs)}; "
+            f"Y = {names[y_slot]} weight {', '.join(f'{v:g}' for v in ys)}\n{prompt}")
+    path = save_png(Generated(grid, int(seed), info), folder)
+    return path, total, info
+
+
+def save_mixed(ctx, rows, name: str, rank: int | None, overwrite: bool = False):
+    """Write the mix as one LoRA into the LoRA folder (exact when rank is None). Returns (path, MixedLora)."""
+    refs = mix_refs(ctx, rows)
+    stem = safe_name(name, what="mix name")
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    out = ctx.lora_path(stem)
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out.name} already exists in {ctx.loras_dir}; choose another name or tick overwrite")
+    entries = [MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in refs]
+    configs = ctx.component_configs()
+    mixed = mix_loras(entries, rank=int(rank) if rank else None, family=ctx.family, configs=configs)
+    save_mix(out, mixed, entries, configs=configs)
+    return out, mixed
+
+
+def describe_mix(path: Path, mixed) -> str:
+    total = sum(mixed.modules.values())
+    if mixed.method == "concat":
+        return f"saved {path.name}: exact merge (ranks concatenated), {total} modules"
+    errs = ", ".join(f"{c} {e:.3g}" for c, e in mixed.errors.items())
+    return f"saved {path.name}: rank {mixed.rank} by SVD, {total} modules; relative error {errs}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+def build(ctx):
+    side = native_size(ctx.base.pipe)
+    names = ctx.catalog.names(ctx.family)
+    blocks = [ALL_BLOCKS, *PRESETS]
+    pickers, weights, presets = [], [], []
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            gr.Markdown("Choose LoRAs and their weights (negative weights subtract a style). A block preset "
+                        "restricts a LoRA to some UNet blocks (A1111 LoRA Block Weight names, or type 17 numbers).")
+            for i in range(MIX_SLOTS):
+                with gr.Row(elem_id=f"mix-row-{i}"):
+                    pickers.append(gr.Dropdown(names, value=None, label=f"LoRA {i + 1}", elem_id=f"mix-lora-{i}",
+                                               scale=3))
+                    weights.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", elem_id=f"mix-weight-{i}",
+                                             scale=3))
+                    presets.append(gr.Dropdown(blocks, value=ALL_BLOCKS, allow_custom_value=True, label="blocks",
+                                               elem_id=f"mix-blocks-{i}", scale=2))
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="mix-prompt",
+                                placeholder="the LoRAs above are applied; tags in the prompt add more")
+            negative = gr.Textbox(label="Negative prompt", elem_id="mix-negative")
+            with gr.Row():
+                seed = gr.Number(value=1, precision=0, label="Seed (fixed)", elem_id="mix-seed")
+                steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="mix-steps")
+                cfg = gr.Slider(1, 30, value=7.0, step=0.5, label="CFG scale", elem_id="mix-cfg")
+                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="mix-sampler")
+            preview_btn = gr.Button("Preview", variant="primary", elem_id="mix-preview")
+            with gr.Accordion("XY grid over two LoRAs' weights", open=True):
+                with gr.Row():
+                    x_slot = gr.Dropdown([(f"LoRA {i + 1}", i) for i in range(MIX_SLOTS)], value=0, label="X: LoRA",
+                                         elem_id="mix-x-slot")
+                    x_values = gr.Textbox("0, 0.5, 1", label="X weights", elem_id="mix-x-values")
+                    y_slot = gr.Dropdown([(f"LoRA {i + 1}", i) for i in range(MIX_SLOTS)], value=1, label="Y: LoRA",
+                                         elem_id="mix-y-slot")
+                    y_values = gr.Textbox("0, 1", label="Y weights", elem_id="mix-y-values")
+                grid_btn = gr.Button("Make XY grid", elem_id="mix-grid")
+            with gr.Accordion("Save the mix as one LoRA", open=True):
+                with gr.Row():
+                    mix_name = gr.Textbox(label="Name", placeholder="my-mix", elem_id="mix-name")
+                    method = gr.Radio(["exact (ranks concatenated)", "reduced rank (SVD)"],
+                                      value="exact (ranks concatenated)", label="Method", elem_id="mix-method")
+                    rank = gr.Number(value=16, precision=0, minimum=1, label="rank (SVD)", elem_id="mix-rank")
+                    overwrite = gr.Checkbox(False, label="overwrite", elem_id="mix-overwrite")
+                save_btn = gr.Button("Save mix", elem_id="mix-save")
+        with gr.Column(scale=2, min_width=320):
+            status = gr.HTML(elem_id="mix-status", js_on_load=None)
+            image = gr.Image(label="Preview / grid", type="filepath", interactive=False, elem_id="mix-image",
+                             format="png", height=480)
+            infotext = gr.Textbox(label="Infotext", lines=4, elem_id="mix-infotext")
+
+    def rows_of(vals):
+        n = MIX_SLOTS
+        return list(zip(vals[:n], vals[n:2 * n], vals[2 * n:3 * n]))
+
+    slot_inputs = [*pickers, *weights, *presets]
+    gen_inputs = [prompt, negative, seed, steps, cfg, sampler]
+
+    def gen_kwargs(vals):
+        p, neg, s, st, c, smp = vals
+        return dict(negative=neg, seed=int(s if s is not None else 1), steps=st, cfg=c, sampler=smp,
+                    width=side, height=side)
+
+    def on_preview(*vals, progress=gr.Progress()):
+        try:
+            rows, g = rows_of(vals[:3 * MIX_SLOTS]), vals[3 * MIX_SLOTS:]
+            res = preview(ctx, rows, g[0], progress=GradioProgress(progress), **gen_kwargs(g))
+        except Exception as e:  # noqa: BLE001
+            return gr.skip(), gr.skip(), error_html(e, "Preview")
+        return str(res.paths[0]), res.infotexts[0], status_html(f"preview with seed {res.seeds[0]} "
+                                                                 f"({res.seconds:.1f} s)", "ok")
+
+    preview_btn.click(on_preview, slot_inputs + gen_inputs, [image, infotext, status], concurrency_limit=None)
+
+    def on_grid(*vals, progress=gr.Progress()):
+        try:
+            rows = rows_of(vals[:3 * MIX_SLOTS])
+            xs, xv, ys, yv, *g = vals[3 * MIX_SLOTS:]
+            path, n, info = xy_plot(ctx, rows, int(xs), xv, int(ys), yv, g[0], progress=GradioProgress(progress),
+                                    **gen_kwargs(g))
+        except Exception as e:  # noqa: BLE001
+            return gr.skip(), gr.skip(), error_html(e, "XY grid")
+        return str(path), info, status_html(f"XY grid of {n} images: {path.name}", "ok")
+
+    grid_btn.click(on_grid, slot_inputs + [x_slot, x_values, y_slot, y_values] + gen_inputs, [image, infotext, status],
+                   concurrency_limit=None)
+
+    def on_save(*vals):
+        try:
+            rows = rows_of(vals[:3 * MIX_SLOTS])
+            name, how, r, over = vals[3 * MIX_SLOTS:]
+            if not how.startswith("exact") and not r:
+                raise SdloraError("reduced rank: enter the rank to keep (e.g. 16)")
+            path, mixed = save_mixed(ctx, rows, name, None if how.startswith("exact") else r, bool(over))
+        except Exception as e:  # noqa: BLE001
+            return error_html(e, "Saving the mix")
+        return status_html(describe_mix(path, mixed), "ok")
+
+    save_btn.click(on_save, slot_inputs + [mix_name, method, rank, overwrite], [status])
+    return dict(pickers=pickers, status=status, image=image)

@@ -1,0 +1,304 @@
+"""The Train tab: a folder (inside the allowed roots) or uploaded images + captions, a preset, the
+main options, an advanced section, start / stop / resume, live progress, loss plot and samples.
+
+The form is derived from `training.config.form_fields()` (the one declaration of every option), so
+a new trainer option appears here without touching this file. Training runs as a background job
+(`ui/jobs.py`): the page only starts it and polls its state.
+"""
+from __future__ import annotations
+
+import html
+import math
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from sdlora.errors import SdloraError
+from sdlora.training.config import GROUPS, build_config, form_fields, load_preset, presets
+from sdlora.ui.common import error_html, status_html
+from sdlora.ui.jobs import Job, SharingControl, run_training
+from sdlora.ui.paths import import_training_upload, safe_name, unique_folder
+
+# shown at the top; every other option goes to "Advanced", grouped as in the config
+MAIN = ("trigger", "class_word", "rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "resolution",
+        "train_text_encoder", "prior_preservation")
+# set by the tab from the folders it controls (the page never names these paths)
+MANAGED = ("data_dir", "output", "base", "resume", "checkpoint_dir", "cache_dir")
+PATH_FIELDS = ("class_data_dir",)   # confined to the allowed roots
+SOURCES = ("folder", "upload")
+
+
+def form_specs() -> list[dict]:
+    return [f for f in form_fields() if f["name"] not in MANAGED]
+
+
+def to_form(spec: dict, value):
+    return "\n".join(map(str, value)) if spec["type"] == "list" and not spec["choices"] else value
+
+
+def from_form(spec: dict, value):
+    """A form value as the config wants it (list textboxes: one item per line or comma)."""
+    if spec["type"] == "list" and not spec["choices"]:
+        text = value or ""
+        sep = "\n" if "\n" in text or spec["name"] == "sample_prompts" else ","
+        return [v.strip() for v in text.split(sep) if v.strip()]
+    if spec["type"] == "int" and value is not None:
+        return int(value)
+    return value
+
+
+def default_preset(ctx) -> str:
+    """tiny-cpu-demo for a tiny base model, the family's style preset otherwise."""
+    from sdlora.generate import native_size
+    if native_size(ctx.base.pipe) <= 128:
+        return "tiny-cpu-demo"
+    return "style-sdxl" if ctx.family == "sdxl" else "style-sd15"
+
+
+def preset_values(name: str | None) -> dict:
+    """Every form field's value under a preset (defaults < preset)."""
+    cfg = build_config(preset=name or None)
+    return cfg.to_dict()
+
+
+def work_folder(ctx, name: str) -> Path:
+    return ctx.outputs_dir / "train" / name
+
+
+def start_training(ctx, *, name: str, source: str, folder: str | None = None, uploads=None,
+                   values: dict | None = None, preset: str | None = None, overwrite: bool = False,
+                   resume: bool = False) -> Job:
+    """Check everything, then start the trainer in the background; returns the job."""
+    from sdlora.training.checkpoint import find_checkpoint
+    name = safe_name(name, what="LoRA name")
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    out, work = ctx.lora_path(name), work_folder(ctx, name)
+    values = dict(values or {})
+    checkpoint = None
+    if resume:
+        checkpoint = find_checkpoint(work / "checkpoints")
+    elif out.exists() and not overwrite:
+        raise SdloraError(f"{out.name} already exists in {ctx.loras_dir}: choose another name, tick overwrite, "
+                          "or press Resume to continue its training")
+    if source == "upload" and uploads:
+        data = unique_folder(ctx.outputs_dir / "train-data", name)
+        import_training_upload(uploads, data)
+    elif source == "upload" and resume:
+        import json
+        state = json.loads((checkpoint / "state.json").read_text())
+        data = ctx.data_roots.confine(state["config"].get("data_dir", ""), kind="training folder of the checkpoint")
+    elif source == "upload":
+        raise SdloraError("no images uploaded: add image files (and optional .txt captions), or choose a folder")
+    else:
+        data = ctx.data_roots.confine(folder or "", kind="training folder")
+    ctx.data_roots.confine_tree(data)
+    for key in PATH_FIELDS:
+        if values.get(key):
+            values[key] = str(ctx.data_roots.confine(values[key], kind=key, must_exist=False))
+    if not values.get("class_data_dir"):
+        values["class_data_dir"] = str(work / "class-images")
+    overrides = {**values, "data_dir": str(data), "output": str(out), "base": ctx.base_spec or "",
+                 "checkpoint_dir": str(work / "checkpoints"), "cache_dir": str(work / "cache"),
+                 "resume": str(checkpoint) if checkpoint else ""}
+    cfg = build_config(preset=preset or None, overrides=overrides)
+    job = Job("train", name, config=cfg.to_dict(), control=SharingControl(ctx.device_lock, f"training {name}"))
+    job.note(f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'}: {data} -> {out}")
+    return ctx.jobs.start(job, partial(run_training, cfg=cfg, device=ctx.device_lock, load_base=ctx.training_base))
+
+
+def stop_training(ctx) -> str:
+    job = ctx.jobs.latest("train")
+    if job is None or not job.active:
+        raise SdloraError("no training is running")
+    job.control.request_stop()
+    job.note("stop requested: the current step finishes, then a checkpoint and the LoRA are saved")
+    return f"stopping {job.title}: a checkpoint and the LoRA of the current step will be saved"
+
+
+# ---------------------------------------------------------------------------------------------
+# what the page shows of a job
+
+def _duration(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def progress_html(snap: dict | None) -> str:
+    if snap is None:
+        return '<div class="sdl-train-idle">No training yet. Choose images, a name and press Start.</div>'
+    total = snap["total"] or 0
+    frac = snap["step"] / total if total else 0.0
+    state = snap["status"] if not snap["active"] else (snap["phase"] or snap["status"])
+    parts = [f"<b>{html.escape(snap['title'])}</b>", html.escape(state)]
+    if total:
+        parts.append(f"step {snap['step']}/{total}")
+    if snap["losses"]:
+        parts.append(f"loss {snap['losses'][-1][2]:.4f}")
+    if snap["active"] and snap["steps_per_s"] and snap["step"]:
+        parts.append(f"{snap['steps_per_s']:.2f} steps/s, {_duration(snap['eta_s'])} left")
+    cls = {"failed": "sdl-bad", "done": "sdl-good", "stopped": "sdl-warn"}.get(snap["status"], "")
+    return (f'<div class="sdl-train {cls}" data-status="{html.escape(snap["status"])}">'
+            f'<div class="sdl-bar"><div class="sdl-fill" style="width:{100 * frac:.1f}%"></div></div>'
+            f'<div class="sdl-train-text">{" · ".join(parts)}</div>{status_of(snap)}</div>')
+
+
+def status_of(snap: dict | None) -> str:
+    if snap is None:
+        return ""
+    if snap["status"] == "failed":
+        return status_html(f"Training {snap['title']} failed: {snap['error']}", "error")
+    if snap["active"]:   # the bar says it all while steps run; other phases (loading, caching, ...) say what they do
+        return "" if snap["phase"] == "training" else status_html(snap["message"] or snap["status"], "busy")
+    if snap["output"]:
+        return status_html(f"{snap['status']}: LoRA written to {snap['output']} — it is in the Generate and "
+                           "Mix pickers now", "ok")
+    return status_html(snap["status"], "info")
+
+
+def loss_frame(snap: dict | None):
+    """The loss curve as the plot wants it; None before the first step (an empty frame would leave
+    gradio's plot without series, so later updates drew no lines)."""
+    import pandas as pd
+    rows = []
+    for step, loss, smooth in (snap or {}).get("losses", []):
+        if math.isfinite(loss):
+            rows.append({"step": step, "loss": loss, "series": "loss"})
+        if math.isfinite(smooth):
+            rows.append({"step": step, "loss": smooth, "series": "smoothed"})
+    if not rows:
+        return None
+    return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
+                         "series": pd.Series([r["series"] for r in rows], dtype="str")})
+
+
+def view(ctx, seen):
+    """(outputs..., new `seen`) for the poll: nothing is sent while the job has not changed."""
+    job = ctx.jobs.latest("train")
+    snap = job.snapshot() if job else None
+    key = (snap["id"], snap["version"]) if snap else None
+    if seen is not None and key == seen.get("key"):
+        return [gr.skip()] * 6 + [seen]
+    new_seen = {"key": key, "losses": len(snap["losses"]) if snap else 0, "samples": len(snap["samples"]) if snap else 0}
+    same = seen is not None and key is not None and seen.get("key") and seen["key"][0] == key[0]
+    plot = gr.skip() if same and seen.get("losses") == new_seen["losses"] else loss_frame(snap)
+    samples = gr.skip() if same and seen.get("samples") == new_seen["samples"] else \
+        [(p, f"step {s}") for s, p in (snap or {}).get("samples", [])]
+    active = bool(snap and snap["active"])
+    return [progress_html(snap), plot, samples, "\n".join((snap or {}).get("log", [])[-60:]),
+            gr.update(interactive=not active), gr.update(interactive=active), new_seen]
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+def field_component(spec: dict, value):
+    name, help_, choices = spec["name"], spec["help"], spec["choices"]
+    label = name.replace("_", " ")
+    kw = dict(label=label, info=help_, elem_id=f"train-{name.replace('_', '-')}")
+    t = spec["type"]
+    if t == "bool":
+        return gr.Checkbox(value, **kw)
+    if t == "list" and choices:
+        return gr.CheckboxGroup(choices, value=value, **kw)
+    if choices:
+        return gr.Dropdown(choices, value=value, **kw)
+    if t in ("int", "float"):
+        return gr.Number(value, precision=0 if t == "int" else None, minimum=spec["low"], maximum=spec["high"],
+                         step=1 if t == "int" else 1e-9, **kw)
+    if t == "list":
+        kw["info"] = help_ + (" (one per line)" if name == "sample_prompts" else " (comma-separated)")
+        return gr.Textbox(to_form(spec, value), lines=2 if name == "sample_prompts" else 1, **kw)
+    return gr.Textbox(value, **kw)
+
+
+def build(ctx, timer: gr.Timer):
+    specs = form_specs()
+    by_name = {s["name"]: s for s in specs}
+    preset0 = default_preset(ctx)
+    values0 = preset_values(preset0)
+    comps: dict[str, gr.components.Component] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            with gr.Row():
+                name = gr.Textbox(label="LoRA name", placeholder="mystyle", elem_id="train-name", scale=2)
+                preset = gr.Dropdown(sorted({p.stem for p in presets().values()}), value=preset0, label="Preset",
+                                     elem_id="train-preset", scale=2)
+                overwrite = gr.Checkbox(False, label="overwrite an existing LoRA", elem_id="train-overwrite", scale=1)
+            source = gr.Radio(list(SOURCES), value="folder", label="Training images", elem_id="train-source")
+            folder = gr.Dropdown(ctx.data_roots.folders_with_images(), value=None, allow_custom_value=True,
+                                 label=f"Folder (inside {ctx.data_roots.describe()})", elem_id="train-folder")
+            uploads = gr.File(file_count="multiple", file_types=["image", ".txt", ".caption"], type="filepath",
+                              label="Upload images (+ .txt captions with the same names)", elem_id="train-upload",
+                              visible=False)
+            with gr.Row():
+                for key in MAIN[:4]:
+                    comps[key] = field_component(by_name[key], values0[key])
+            with gr.Row():
+                for key in MAIN[4:8]:
+                    comps[key] = field_component(by_name[key], values0[key])
+            with gr.Row():
+                for key in MAIN[8:]:
+                    comps[key] = field_component(by_name[key], values0[key])
+            with gr.Accordion("Advanced (every option of `sdlora train`)", open=False, elem_id="train-advanced"):
+                for group in GROUPS:
+                    group_specs = [s for s in specs if s["group"] == group and s["name"] not in MAIN]
+                    if not group_specs:
+                        continue
+                    gr.Markdown(f"**{group}**")
+                    for i in range(0, len(group_specs), 3):
+                        with gr.Row():
+                            for s in group_specs[i:i + 3]:
+                                comps[s["name"]] = field_component(s, values0[s["name"]])
+            with gr.Row():
+                start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                stop = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="train-stop", interactive=False)
+                resume = gr.Button("Resume", elem_id="train-resume")
+        with gr.Column(scale=2, min_width=320):
+            status = gr.HTML(elem_id="train-status", js_on_load=None)
+            progress = gr.HTML(progress_html(None), elem_id="train-progress", js_on_load=None)
+            plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
+                               color_map={"loss": "#9ca3af", "smoothed": "#2563eb"}, elem_id="train-loss", height=260)
+            samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train-samples", interactive=False)
+            log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log", autoscroll=True)
+    fields = [s["name"] for s in specs if s["name"] in comps]
+    field_comps = [comps[k] for k in fields]
+    seen = gr.State(None)
+
+    source.change(lambda s: (gr.update(visible=s == "folder"), gr.update(visible=s == "upload")), source,
+                  [folder, uploads], show_progress="hidden")
+
+    def on_preset(p):
+        try:
+            vals = {**preset_values(None), **load_preset(p)} if p else preset_values(None)
+        except Exception as e:  # noqa: BLE001
+            return [gr.skip()] * len(fields) + [error_html(e, "Loading the preset")]
+        return [to_form(by_name[k], vals[k]) for k in fields] + [status_html(f"preset {p} loaded", "ok")]
+
+    preset.change(on_preset, preset, field_comps + [status], show_progress="hidden")
+
+    def launch(resume_: bool, name_, preset_, over, source_, folder_, uploads_, *vals):
+        try:
+            values = {k: from_form(by_name[k], v) for k, v in zip(fields, vals)}
+            job = start_training(ctx, name=name_, source=source_, folder=folder_, uploads=uploads_, values=values,
+                                 preset=preset_, overwrite=over, resume=resume_)
+        except Exception as e:  # noqa: BLE001
+            return error_html(e, "Starting the training")
+        return status_html(f"training {job.title} started", "busy")
+
+    inputs = [name, preset, overwrite, source, folder, uploads, *field_comps]
+    start.click(partial(launch, False), inputs, [status], show_progress="hidden")
+    resume.click(partial(launch, True), inputs, [status], show_progress="hidden")
+
+    def on_stop():
+        try:
+            return status_html(stop_training(ctx), "busy")
+        except Exception as e:  # noqa: BLE001
+            return error_html(e, "Stop")
+
+    stop.click(on_stop, None, [status], show_progress="hidden")
+    outs = [progress, plot, samples, log, start, stop, seen]
+    timer.tick(partial(view, ctx), [seen], outs, show_progress="hidden", concurrency_limit=None)
+    return dict(status=status, outs=outs, seen=seen, view=partial(view, ctx))
