@@ -36,12 +36,7 @@ class Generated:
 
 def apply_loras(pipe, loras: list[LoraRef]) -> None:
     """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights)."""
-    try:
-        from sdlora.mixing import MixEntry, Mixer
-    except ImportError:
-        if not loras:
-            return
-        raise NotImplementedError("waiting for sdlora.mixing") from None
+    from sdlora.mixing import MixEntry, Mixer
     mixer = getattr(pipe, "_sdlora_mixer", None)
     if mixer is None:
         mixer = Mixer(pipe)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.families import CONFIG_DIR, family_of_unet_config
+from sdlora.families import CONFIG_DIR, family_of_unet_config, get_family
 from sdlora.hashes import file_sha256
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "sample_data" / "models" / "tiny-sd"
@@ -55,6 +55,15 @@ class BaseModel:
     source: str                     # what was loaded: a path or a hub id
     prediction_type: str = "epsilon"
     _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def text_encoders(self) -> dict:
+        """component name -> text encoder model (one for SD1/SD2, two for SDXL)."""
+        return {c: getattr(self.pipe, c) for c in get_family(self.family).text_encoders}
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.family == "sdxl" else [])
 
     @property
     def hash(self) -> str | None:
@@ -116,7 +125,7 @@ def load_folder(path: Path, *, dtype=torch.float32) -> BaseModel:
                               "folder saved by diffusers' save_pretrained or a single checkpoint file")
     index = json.loads(index_file.read_text())
     pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_folder_kwargs(index))
-    return _wrap(pipe, name=path.name, source=str(path))
+    return wrap_pipeline(pipe, name=path.name, source=str(path))
 
 
 def load_hub(repo_id: str, *, dtype=torch.float32) -> BaseModel:
@@ -124,10 +133,11 @@ def load_hub(repo_id: str, *, dtype=torch.float32) -> BaseModel:
     from diffusers import DiffusionPipeline
     index = DiffusionPipeline.load_config(repo_id)
     pipe = DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, **_folder_kwargs(index))
-    return _wrap(pipe, name=repo_id, source=repo_id)
+    return wrap_pipeline(pipe, name=repo_id, source=repo_id)
 
 
-def _wrap(pipe, *, name: str, source: str) -> BaseModel:
+def wrap_pipeline(pipe, *, name: str, source: str = "") -> BaseModel:
+    """A loaded diffusers pipeline as a BaseModel (family and prediction type read off its configs)."""
     if not hasattr(pipe, "unet"):
         raise CheckpointError(f"{source} holds a {type(pipe).__name__}, not a Stable Diffusion (XL) pipeline with a UNet")
     return BaseModel(pipe, family_of_unet_config(pipe.unet.config), name, source,

@@ -108,7 +108,7 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
              out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None) -> StyleReport:
     """Train on `style_dir` with `preset` (+ overrides), score base vs LoRA images. `base`: a
     diffusers pipeline or None for the trainer's default base model."""
-    from sdlora.training.base import load_base_pipeline
+    from sdlora.training.base import load_base
     from sdlora.training.config import build_config
     from sdlora.training.sampling import generate, save_png
     from sdlora.training.trainer import Trainer
@@ -122,7 +122,7 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     full = [f"{prompt_prefix}{p}" for p in kept]
     cfg = build_config(preset=preset, overrides=dict(overrides or {}, data_dir=str(style_dir),
                                                      output=str(out_dir / "style-lora.safetensors")))
-    pipe = base if base is not None else load_base_pipeline(cfg.base)
+    pipe = base if base is not None else load_base(cfg.base).pipe
     size = size or cfg.resolution
 
     def images(tag):

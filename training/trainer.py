@@ -42,7 +42,8 @@ from sdlora.network import LoRANetwork, NetworkSpec
 from sdlora.training import checkpoint as ckpt
 from sdlora.training import dataset as ds
 from sdlora.training import loss as L
-from sdlora.training.base import BaseModel, describe_base, load_base
+from sdlora.pipelines import BaseModel
+from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, latent_seed, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
 from sdlora.training.config import TrainConfig
@@ -240,9 +241,7 @@ class Trainer:
         b = self._base_arg
         if b is None:
             return load_base(self.cfg.base, self.cfg.family)
-        if isinstance(b, BaseModel):
-            return describe_base(b.pipe, b.name, self.cfg.family)
-        return describe_base(b, type(b).__name__, self.cfg.family)
+        return as_base(b, self.cfg.family)
 
     def _place_models(self) -> None:
         pipe, dev, dt = self.base.pipe, self.accel.device, self.weight_dtype

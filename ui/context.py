@@ -69,9 +69,7 @@ class UiContext:
     def training_base(self):
         """A fresh copy of the base model for one training run (the trainer changes the model it trains)."""
         from sdlora.pipelines import load_base
-        from sdlora.training.base import describe_base
-        b = load_base(self.base_spec, device="cpu", dtype=torch.float32)
-        return describe_base(b.pipe, b.name)
+        return load_base(self.base_spec, device="cpu", dtype=torch.float32)
 
     def lora_path(self, name: str) -> Path:
         return self.loras_dir / f"{name}.safetensors"
