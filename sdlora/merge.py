@@ -37,7 +37,8 @@ from safetensors.torch import save_file
 from sdlora.adapters import LoRA
 from sdlora.errors import SdloraError
 from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
-from sdlora.formats.writer import atomic_save_file, lora_state_dict
+from sdlora.atomic import atomic_save_file, replace_dir
+from sdlora.formats.writer import lora_state_dict
 from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
                            fused_weight, is_plain_lora, load_sources, lora_factors, plan)
 
@@ -304,18 +305,7 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
             _patch_file(f, tmp / f.relative_to(base), patches, device)
             comp = f.parent.name
             counts[comp] = counts.get(comp, 0) + sum(1 for kind, _ in patches.values() if kind == "weight")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.rename(out, trash / "old")
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(trash / "old", out)   # put the previous folder back
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -2,7 +2,7 @@
 import torch
 
 from sdlora.families import live_path, module_table
-from tiny import tiny_components, tiny_configs
+from tiny import lora_pipeline, tiny_components, tiny_configs
 
 
 def table(family):
@@ -22,16 +22,6 @@ def lora_pair(shape, rank, g, dtype=torch.float32):
     return up.to(dtype), down.to(dtype)
 
 
-def pipe_for(family, comps):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(vae=None, text_encoder=comps["text_encoder"], text_encoder_2=comps["text_encoder_2"],
-                                         tokenizer=None, tokenizer_2=None, unet=comps["unet"], scheduler=None)
-    return StableDiffusionPipeline(vae=None, text_encoder=comps["text_encoder"], tokenizer=None, unet=comps["unet"],
-                                   scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def weight_of(comps, path):
     comp = comps[path.split(".")[0]]
     mod = comp.get_submodule(live_path(comp, path))
@@ -42,7 +32,7 @@ def diffusers_deltas(family, lora_path):
     """canonical path -> ΔW that diffusers' load_lora_weights + fuse_lora apply to the tiny model."""
     comps = tiny_components(family)
     before = {p: weight_of(comps, p).detach().clone() for p in linear_conv(family)}
-    pipe = pipe_for(family, comps)
+    pipe = lora_pipeline(family, comps)
     pipe.load_lora_weights(str(lora_path))
     pipe.fuse_lora(components=list(comps))
     out = {}

@@ -8,7 +8,7 @@ from sdlora.families import canonical_modules, get_family, live_path
 from sdlora.adapters import LoRA
 from sdlora.formats.reader import LoraFile
 from sdlora.formats.writer import save_lora
-from tiny import tiny_components, tiny_configs
+from tiny import lora_pipeline, tiny_components, tiny_configs
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,20 +53,9 @@ def state(comps) -> dict:
     return {f"{c}.{k}": v.detach().clone() for c, m in comps.items() for k, v in m.state_dict().items()}
 
 
-def diffusers_pipe(family, comps):
-    """A diffusers pipeline around the components (no VAE/tokenizer/scheduler: LoRA loading only)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(vae=None, text_encoder=comps["text_encoder"], text_encoder_2=comps["text_encoder_2"],
-                                         tokenizer=None, tokenizer_2=None, unet=comps["unet"], scheduler=None)
-    return StableDiffusionPipeline(vae=None, text_encoder=comps["text_encoder"], tokenizer=None, unet=comps["unet"],
-                                   scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def diffusers_fuse(family, comps, files_and_weights):
     """Reference: diffusers load_lora_weights ×n + set_adapters(per-component weights) + fuse_lora."""
-    pipe = diffusers_pipe(family, comps)
+    pipe = lora_pipeline(family, comps)
     names = []
     for i, (f, _) in enumerate(files_and_weights):
         pipe.load_lora_weights(f, adapter_name=f"a{i}")

@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 
-from mix_helpers import lora_file, random_lora, attention_paths, components, diffusers_fuse, diffusers_pipe, modules, state, weight, write
+from mix_helpers import lora_file, random_lora, attention_paths, components, diffusers_fuse, modules, state, weight, write
 from sdlora.adapters import Adapter, LoRA
 from sdlora.blocks import LISTS, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
 from sdlora.formats import read_lora
 from sdlora.mixing import LoraCache, MixEntry, Mixer, split_weight
-from tiny import tiny_configs
+from tiny import lora_pipeline, tiny_configs
 
 
 def _files(tmp_path, family, comps, n=2, paths=None, rank=4):
@@ -67,7 +67,7 @@ def test_block_weights_match_diffusers_block_scales(tmp_path, family, lbw):
     """Attention-only LoRA with an LBW list (17 for SD1, 12 for SDXL) vs diffusers' UNet block scales."""
     comps, ref = components(family), components(family)
     (f0, _), = _files(tmp_path, family, comps, n=1)
-    Mixer(diffusers_pipe(family, comps), cache=LoraCache()).apply(
+    Mixer(lora_pipeline(family, comps), cache=LoraCache()).apply(
         [MixEntry(f0, unet=0.5, text_encoder=2.0, blocks=",".join(map(str, lbw)))])
     s = dict(zip(LISTS[len(lbw)], lbw))
     down, up = DIFFUSERS_BLOCKS[family]

@@ -1,10 +1,8 @@
 """load_base: the embedded tiny model, single-file LDM checkpoints of every family (offline, checked
 tensor by tensor against the modules they were written from), .ckpt safety, clear errors."""
 import hashlib
-import json
 import os
 import pickle
-import zipfile
 
 import numpy as np
 import pytest

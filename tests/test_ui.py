@@ -208,7 +208,7 @@ def test_slot_updates_keep_weights_per_lora():
 
 def test_device_lock_is_fifo_and_shared_between_steps():
     lock = DeviceLock()
-    order, started = [], threading.Event()
+    order = []
     lock.acquire("training")
     waiting = []
 

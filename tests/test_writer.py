@@ -1,13 +1,12 @@
 """The writer's kohya and diffusers files, loaded by diffusers itself, give our ΔW."""
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from sdlora.adapters import LoRA
 from sdlora.errors import SdloraError
 from sdlora.families import live_path
 from sdlora.formats.writer import save_lora
-from tiny import tiny_components
+from tiny import lora_pipeline, tiny_components
 
 TARGETS = [f"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_{p}" for p in ("q", "k", "v", "out.0")] + \
     [f"text_encoder.text_model.encoder.layers.1.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]
@@ -29,9 +28,7 @@ def test_diffusers_loads_what_we_write(tmp_path, fmt):
     patches = _patches(comps)
     before = {p: comps[p.split(".")[0]].get_submodule(live_path(comps[p.split(".")[0]], p)).weight.clone() for p in TARGETS}
     save_lora(tmp_path / "x.safetensors", patches, "sd1", fmt=fmt, metadata={"ss_network_dim": 4})
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=comps["text_encoder"], tokenizer=None, unet=comps["unet"],
-                                   scheduler=None, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = lora_pipeline("sd1", comps)
     pipe.load_lora_weights(str(tmp_path / "x.safetensors"))
     pipe.fuse_lora()
     for p in TARGETS:

@@ -36,3 +36,14 @@ def tiny_components(family: str, seed: int = 0, dtype=torch.float32) -> dict:
         model = build_unet(cfg, "cpu") if comp == "unet" else build_text_encoder(cfg, "cpu")
         out[comp] = model.to(dtype=dtype).eval().requires_grad_(False)
     return out
+
+
+def lora_pipeline(family: str, comps: dict):
+    """A diffusers pipeline around tiny components, for LoRA loading only (no VAE/tokenizer/scheduler)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(vae=None, text_encoder=comps["text_encoder"], text_encoder_2=comps["text_encoder_2"],
+                                         tokenizer=None, tokenizer_2=None, unet=comps["unet"], scheduler=None)
+    return StableDiffusionPipeline(vae=None, text_encoder=comps["text_encoder"], tokenizer=None, unet=comps["unet"],
+                                   scheduler=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)

@@ -12,7 +12,6 @@ Everything is loaded with `torch.load(weights_only=True)`: nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdlora.atomic import replace_dir
 from sdlora.errors import SdloraError
 
 PREFIX = "step-"
@@ -36,14 +36,7 @@ def save_checkpoint(root: Path, step: int, *, lora_name: str, lora_tensors: dict
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(training_state, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, lora_file=lora_name), indent=1))
-        if final.exists():          # a re-save of the same step: swap, never leave a half folder
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)         # a re-save of the same step swaps, never leaves half a folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

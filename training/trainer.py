@@ -37,14 +37,14 @@ import torch
 from torch import nn
 
 from sdlora.errors import FamilyMismatchError, SdloraError
-from sdlora.formats.writer import atomic_save_file
+from sdlora.atomic import atomic_save_file
 from sdlora.network import LoRANetwork, NetworkSpec
 from sdlora.training import checkpoint as ckpt
 from sdlora.training import dataset as ds
 from sdlora.training import loss as L
 from sdlora.pipelines import BaseModel
 from sdlora.training.base import as_base, load_base
-from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, latent_seed, prepare_pixels
+from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
 from sdlora.training.config import TrainConfig
 from sdlora.training.control import CallbackList, Progress, TrainingControl

@@ -8,32 +8,12 @@ Metadata values must be strings (safetensors); structured values are JSON string
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import torch
-from safetensors.torch import save_file
 
 from sdlora.adapters import LoRA
+from sdlora.atomic import atomic_save_file  # noqa: F401  (part of this module's API)
 from sdlora.errors import SdloraError
 from sdlora.families import kohya_name
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors save that never leaves a half-written file at `path`."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise SdloraError(f"cannot write {path}: folder {path.parent} does not exist; create it or pick another path")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def lora_state_dict(patches: dict[str, LoRA], family: str, *, fmt: str = "kohya", unet_config=None,
