@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--eval-every", type=int, default=1000, help="quick prompt-following check (0: off)")
+    p.add_argument("--snapshots", action="store_true", help="also write the pipeline at each eval (OUT-stepN)")
     p.add_argument("--vae-cache", type=Path, default=None,
                    help="load the VAE from this folder if it exists, else save the trained VAE there")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes), not a usable model")
@@ -303,7 +304,10 @@ def main(argv=None) -> int:
     from sdlora.training.eval_base_model import evaluate
 
     def on_eval(unet, step):
-        r = evaluate(assemble(vae, text_encoder, unet, scaling), seeds=2, log=None)
+        pipe = assemble(vae, text_encoder, unet, scaling)
+        if a.snapshots:
+            save(pipe, a.out.with_name(f"{a.out.name}-step{step}"), f"# snapshot at UNet step {step}\n")
+        r = evaluate(pipe, seeds=2, log=None)
         log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} (held-out pairs, 2 seeds)")
 
     unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=16, lr=1e-3, gen=gen,
