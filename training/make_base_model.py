@@ -67,8 +67,9 @@ def scheduler_config() -> dict:
     return load_config("sd1", "scheduler")
 
 
-def log(msg: str, t0=[time.time()]) -> None:  # noqa: B006 (start time of the run)
-    print(f"[{(time.time() - t0[0]) / 60:6.2f} min] {msg}", flush=True)
+def log(msg: str, t0=[time.time(), time.process_time()]) -> None:  # noqa: B006 (start of the run)
+    wall, cpu = (time.time() - t0[0]) / 60, (time.process_time() - t0[1]) / 60
+    print(f"[{wall:6.2f} min, cpu {cpu:6.2f}] {msg}", flush=True)
 
 
 def round_fp16_(module: torch.nn.Module) -> torch.nn.Module:
@@ -265,22 +266,24 @@ def main(argv=None) -> int:
         a.scenes, a.broad, a.vae_steps, a.unet_steps, a.eval_every = 512, 256, 20, 30, 15
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    gen = torch.Generator().manual_seed(a.seed)
+    # one generator per stage, so a run that loads its VAE from --vae-cache trains the same UNet
+    gen_vae, gen_unet = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(a.seed + 1)
     rng = np.random.default_rng(a.seed)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
 
     images, specs = S.scenes(rng, a.scenes)
     broad = S.broad_images(rng, a.broad)
     n_vae_scenes = min(len(images), len(broad))
     log(f"data: {len(images)} scenes, {len(broad)} broad images")
 
-    if a.vae_cache and (a.vae_cache / "config.json").is_file():
+    vae_cached = bool(a.vae_cache and (a.vae_cache / "config.json").is_file())
+    if vae_cached:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(a.vae_cache).eval().requires_grad_(False)
         log(f"vae loaded from {a.vae_cache}")
     else:
         vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
-                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen)
+                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen_vae)
         if a.vae_cache:
             vae.save_pretrained(a.vae_cache)
     val_rng = np.random.default_rng(a.seed + 1)
@@ -310,16 +313,18 @@ def main(argv=None) -> int:
         r = evaluate(pipe, seeds=2, log=None)
         log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} (held-out pairs, 2 seeds)")
 
-    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=16, lr=1e-3, gen=gen,
+    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=16, lr=1e-3, gen=gen_unet,
                       on_eval=on_eval, eval_every=a.eval_every)
-    minutes = (time.time() - t_start) / 60
+    minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
     card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
             f"trained from scratch on procedural scenes by\n`python -m sdlora.training.make_base_model "
-            f"--out DIR --seed {a.seed}` in {minutes:.1f} minutes ({a.threads} CPU thread).\n\n"
-            f"```json\n{json.dumps(dict(vars(a), out=None, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
+            f"--out DIR --seed {a.seed}` ({minutes:.1f} minutes wall, {cpu_minutes:.1f} minutes CPU, "
+            f"{a.threads} thread{'s' if a.threads > 1 else ''}{', VAE from cache' if vae_cached else ''}).\n\n"
+            f"```json\n{json.dumps(dict(settings, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
     save(pipe, a.out, card)
-    log(f"wrote {a.out} after {minutes:.1f} minutes of training")
+    log(f"wrote {a.out}: {minutes:.1f} minutes wall, {cpu_minutes:.1f} minutes CPU")
     return 0
 
 
