@@ -39,11 +39,11 @@ TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
 TE_WIDTH = 64
 
 
-def unet_config() -> dict:
+def unet_config(layers_per_block: int = 2) -> dict:
     cfg = load_config("sd1", "unet")
     # widths grow like SD1.5's (320, 640, 1280, 1280): the same resnets get a conv_shortcut, so the
     # module set, and every LoRA key, is exactly SD1.5's
-    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=2, cross_attention_dim=TE_WIDTH,
+    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=layers_per_block, cross_attention_dim=TE_WIDTH,
                attention_head_dim=1, sample_size=S.SIZE // 4)
     return cfg
 
@@ -169,11 +169,12 @@ def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
 
 def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tensor, empty: torch.Tensor,
                steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
-               dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0):
+               dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
+               layers_per_block: int = 2):
     """Epsilon-prediction UNet on cached latents/embeddings with min-SNR weighting and EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
-    unet = UNet2DConditionModel.from_config(unet_config())
+    unet = UNet2DConditionModel.from_config(unet_config(layers_per_block))
     unet.set_attn_processor(AttnProcessor())  # faster than CPU SDPA backward at these sizes (measured)
     ema = [p.detach().clone() for p in unet.parameters()]
     sched = DDPMScheduler.from_config(scheduler_config())
@@ -256,6 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-batch", type=int, default=16)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--layers-per-block", type=int, default=2, help="UNet resnets per block (SD1.5: 2)")
     p.add_argument("--eval-every", type=int, default=1000, help="quick prompt-following check (0: off)")
     p.add_argument("--snapshots", action="store_true", help="also write the pipeline at each eval (OUT-stepN)")
     p.add_argument("--vae-cache", type=Path, default=None,
@@ -313,8 +317,9 @@ def main(argv=None) -> int:
         r = evaluate(pipe, seeds=2, log=None)
         log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} (held-out pairs, 2 seeds)")
 
-    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=16, lr=1e-3, gen=gen_unet,
-                      on_eval=on_eval, eval_every=a.eval_every)
+    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr,
+                      gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
+                      layers_per_block=a.layers_per_block)
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
