@@ -125,9 +125,11 @@ def style_features(image) -> np.ndarray:
     sat = (mx - mn) / (mx + 1e-6)
     gy, gx = np.abs(np.diff(luma, axis=0))[:, :-1], np.abs(np.diff(luma, axis=1))[:-1]
     grad = np.hypot(gx, gy)
-    spec = np.abs(np.fft.fftshift(np.fft.fft2(luma - luma.mean()))) ** 2
+    chans = img - img.mean(axis=(0, 1))                                   # colour contrast counts too
+    spec = (np.abs(np.fft.fftshift(np.fft.fft2(chans, axes=(0, 1)), axes=(0, 1))) ** 2).sum(-1)
+    floor = SIZE ** 4 * 0.003       # Parseval: the energy of a faint (std 0.03) image; keeps ratios stable
     yy, xx = np.mgrid[-SIZE // 2:SIZE // 2, -SIZE // 2:SIZE // 2]
-    high = spec[np.hypot(yy, xx) > SIZE / 8].sum() / (spec.sum() + 1e-9)
+    high = spec[np.hypot(yy, xx) > SIZE / 8].sum() / (spec.sum() + floor)
     blocks = luma.reshape(SIZE // 4, 4, SIZE // 4, 4).std(axis=(1, 3))
     q = (img * 3.999).astype(int)                                   # 4 levels per channel: 64 bins
     hist = np.bincount((q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).ravel(), minlength=64) / luma.size
@@ -136,7 +138,7 @@ def style_features(image) -> np.ndarray:
     pastel = ((luma > 0.7) & (sat > 0.12) & (sat < 0.55)).mean()
     dark_edge = ((luma[:-1, :-1] < 0.2) & (grad > 0.1)).mean()         # dark pixels on edges: outlines
     ring = spec[(np.hypot(yy, xx) > 4)]
-    peak = np.sort(ring)[-8:].sum() / (ring.sum() + 1e-9)               # a few strong frequencies: screens
+    peak = np.sort(ring)[-8:].sum() / (ring.sum() + floor)              # a few strong frequencies: screens
     border = np.median(np.concatenate([luma[0], luma[-1], luma[:, 0], luma[:, -1]]))
     return np.array([luma.mean(), luma.std(), sat.mean(), sat.std(), (luma < 0.15).mean(),
                      (luma > 0.85).mean(), grad.mean(), (grad > 0.1).mean(), high, blocks.mean(),

@@ -39,11 +39,11 @@ TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
 TE_WIDTH = 64
 
 
-def unet_config() -> dict:
+def unet_config(layers_per_block: int = 2) -> dict:
     cfg = load_config("sd1", "unet")
     # widths grow like SD1.5's (320, 640, 1280, 1280): the same resnets get a conv_shortcut, so the
     # module set, and every LoRA key, is exactly SD1.5's
-    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=2, cross_attention_dim=TE_WIDTH,
+    cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=layers_per_block, cross_attention_dim=TE_WIDTH,
                attention_head_dim=1, sample_size=S.SIZE // 4)
     return cfg
 
@@ -67,8 +67,9 @@ def scheduler_config() -> dict:
     return load_config("sd1", "scheduler")
 
 
-def log(msg: str, t0=[time.time()]) -> None:  # noqa: B006 (start time of the run)
-    print(f"[{(time.time() - t0[0]) / 60:6.2f} min] {msg}", flush=True)
+def log(msg: str, t0=[time.time(), time.process_time()]) -> None:  # noqa: B006 (start of the run)
+    wall, cpu = (time.time() - t0[0]) / 60, (time.process_time() - t0[1]) / 60
+    print(f"[{wall:6.2f} min, cpu {cpu:6.2f}] {msg}", flush=True)
 
 
 def round_fp16_(module: torch.nn.Module) -> torch.nn.Module:
@@ -168,11 +169,12 @@ def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
 
 def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tensor, empty: torch.Tensor,
                steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
-               dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0):
+               dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
+               layers_per_block: int = 2):
     """Epsilon-prediction UNet on cached latents/embeddings with min-SNR weighting and EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
-    unet = UNet2DConditionModel.from_config(unet_config())
+    unet = UNet2DConditionModel.from_config(unet_config(layers_per_block))
     unet.set_attn_processor(AttnProcessor())  # faster than CPU SDPA backward at these sizes (measured)
     ema = [p.detach().clone() for p in unet.parameters()]
     sched = DDPMScheduler.from_config(scheduler_config())
@@ -255,7 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-batch", type=int, default=16)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--layers-per-block", type=int, default=2, help="UNet resnets per block (SD1.5: 2)")
     p.add_argument("--eval-every", type=int, default=1000, help="quick prompt-following check (0: off)")
+    p.add_argument("--snapshots", action="store_true", help="also write the pipeline at each eval (OUT-stepN)")
     p.add_argument("--vae-cache", type=Path, default=None,
                    help="load the VAE from this folder if it exists, else save the trained VAE there")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes), not a usable model")
@@ -264,22 +270,24 @@ def main(argv=None) -> int:
         a.scenes, a.broad, a.vae_steps, a.unet_steps, a.eval_every = 512, 256, 20, 30, 15
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    gen = torch.Generator().manual_seed(a.seed)
+    # one generator per stage, so a run that loads its VAE from --vae-cache trains the same UNet
+    gen_vae, gen_unet = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(a.seed + 1)
     rng = np.random.default_rng(a.seed)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
 
     images, specs = S.scenes(rng, a.scenes)
     broad = S.broad_images(rng, a.broad)
     n_vae_scenes = min(len(images), len(broad))
     log(f"data: {len(images)} scenes, {len(broad)} broad images")
 
-    if a.vae_cache and (a.vae_cache / "config.json").is_file():
+    vae_cached = bool(a.vae_cache and (a.vae_cache / "config.json").is_file())
+    if vae_cached:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(a.vae_cache).eval().requires_grad_(False)
         log(f"vae loaded from {a.vae_cache}")
     else:
         vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
-                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen)
+                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen_vae)
         if a.vae_cache:
             vae.save_pretrained(a.vae_cache)
     val_rng = np.random.default_rng(a.seed + 1)
@@ -303,19 +311,25 @@ def main(argv=None) -> int:
     from sdlora.training.eval_base_model import evaluate
 
     def on_eval(unet, step):
-        r = evaluate(assemble(vae, text_encoder, unet, scaling), seeds=2, log=None)
+        pipe = assemble(vae, text_encoder, unet, scaling)
+        if a.snapshots:
+            save(pipe, a.out.with_name(f"{a.out.name}-step{step}"), f"# snapshot at UNet step {step}\n")
+        r = evaluate(pipe, seeds=2, log=None)
         log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} (held-out pairs, 2 seeds)")
 
-    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=16, lr=1e-3, gen=gen,
-                      on_eval=on_eval, eval_every=a.eval_every)
-    minutes = (time.time() - t_start) / 60
+    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr,
+                      gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
+                      layers_per_block=a.layers_per_block)
+    minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
     card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
             f"trained from scratch on procedural scenes by\n`python -m sdlora.training.make_base_model "
-            f"--out DIR --seed {a.seed}` in {minutes:.1f} minutes ({a.threads} CPU thread).\n\n"
-            f"```json\n{json.dumps(dict(vars(a), out=None, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
+            f"--out DIR --seed {a.seed}` ({minutes:.1f} minutes wall, {cpu_minutes:.1f} minutes CPU, "
+            f"{a.threads} thread{'s' if a.threads > 1 else ''}{', VAE from cache' if vae_cached else ''}).\n\n"
+            f"```json\n{json.dumps(dict(settings, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
     save(pipe, a.out, card)
-    log(f"wrote {a.out} after {minutes:.1f} minutes of training")
+    log(f"wrote {a.out}: {minutes:.1f} minutes wall, {cpu_minutes:.1f} minutes CPU")
     return 0
 
 
