@@ -195,3 +195,22 @@ class StyleMetric:
 
     def distances(self, images) -> np.ndarray:
         return np.array([self.distance(i) for i in images])
+
+
+# ---------------------------------------------------------------------------------------------
+# plain functions, the signatures training.eval_style plugs in
+
+_METRICS: dict[str, StyleMetric] = {}
+
+
+def style_score(image, style_dir) -> float:
+    """StyleMetric.for_folder(style_dir).score(image), the fitted metric cached per folder."""
+    key = str(Path(style_dir).resolve())
+    if key not in _METRICS:
+        _METRICS[key] = StyleMetric.for_folder(style_dir)
+    return _METRICS[key].score(image)
+
+
+def follows_colour(image, colour: str) -> bool:
+    """Is `colour` the dominant foreground colour of the image?"""
+    return classify_colour(image) == colour

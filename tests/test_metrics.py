@@ -61,3 +61,14 @@ def test_style_metric_is_deterministic():
     b = StyleMetric.for_folder(STYLES_DIR / "neon")
     img = load_images(STYLES_DIR / "toon")[0]
     assert a.score(img) == b.score(img)
+
+
+def test_plain_functions_for_eval_style():
+    from sdlora.metrics import follows_colour, style_score
+    folder = STYLES_DIR / "halftone"
+    style_image = load_images(folder)[0]
+    scene = S.render_scene(S.sample_scene(np.random.default_rng(5), colour="blue", shape="square"))
+    expected = StyleMetric.for_folder(folder)
+    assert style_score(style_image, folder) == pytest.approx(expected.score(style_image))
+    assert style_score(scene, str(folder)) == pytest.approx(expected.score(scene))
+    assert follows_colour(scene, "blue") and not follows_colour(scene, "red")

@@ -11,8 +11,9 @@
 Metrics are plain functions so any scorer can be plugged in:
     style metric:  fn(image: PIL.Image, style_dir: Path) -> float   (higher = more like the style)
     colour check:  fn(image: PIL.Image, colour: str) -> bool
-By default they come from `sdlora.metrics` (`style_score`, `follows_colour`) when that module
-exists; otherwise pass `--metric` (and `--colour-metric`) as `module:function`.
+By default they are `sdlora.metrics.style_score` (the StyleMetric of the style folder: 0 = like
+the base scenes, 1 = like the style images) and `sdlora.metrics.follows_colour`; pass `--metric`
+(and `--colour-metric`) as `module:function` to use others.
 The report (JSON + a printed table) holds every score, so numbers can go to the README.
 """
 from __future__ import annotations
@@ -83,12 +84,9 @@ def load_function(spec: str):
 
 
 def default_metrics():
-    """(style metric, colour check) from sdlora.metrics, or (None, None)."""
-    try:
-        m = importlib.import_module("sdlora.metrics")
-    except ImportError:
-        return None, None
-    return getattr(m, "style_score", None), getattr(m, "follows_colour", None)
+    """(style metric, colour check): sdlora.metrics' StyleMetric score and colour classifier."""
+    from sdlora.metrics import follows_colour, style_score
+    return style_score, follows_colour
 
 
 def colour_of(prompt: str) -> str | None:
@@ -172,8 +170,6 @@ def main(argv=None) -> int:
     metric, colour = default_metrics()
     metric = load_function(a.metric) if a.metric else metric
     colour = load_function(a.colour_metric) if a.colour_metric else colour
-    if metric is None:
-        raise SystemExit("no style metric: sdlora.metrics is not installed here; pass --metric module:function")
     overrides = {"base": a.base} if a.base else {}
     if a.steps:
         overrides["steps"] = a.steps
