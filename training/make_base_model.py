@@ -39,12 +39,12 @@ TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
 TE_WIDTH = 64
 
 
-def unet_config(layers_per_block: int = 2) -> dict:
+def unet_config(layers_per_block: int = 2, heads: int = 8) -> dict:
     cfg = load_config("sd1", "unet")
     # widths grow like SD1.5's (320, 640, 1280, 1280): the same resnets get a conv_shortcut, so the
     # module set, and every LoRA key, is exactly SD1.5's
     cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=layers_per_block, cross_attention_dim=TE_WIDTH,
-               attention_head_dim=1, sample_size=S.SIZE // 4)
+               attention_head_dim=heads, sample_size=S.SIZE // 4)
     return cfg
 
 
@@ -170,11 +170,11 @@ def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tensor, empty: torch.Tensor,
                steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
                dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
-               layers_per_block: int = 2):
+               layers_per_block: int = 2, heads: int = 8, noise_offset: float = 0.1):
     """Epsilon-prediction UNet on cached latents/embeddings with min-SNR weighting and EMA."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
-    unet = UNet2DConditionModel.from_config(unet_config(layers_per_block))
+    unet = UNet2DConditionModel.from_config(unet_config(layers_per_block, heads))
     unet.set_attn_processor(AttnProcessor())  # faster than CPU SDPA backward at these sizes (measured)
     ema = [p.detach().clone() for p in unet.parameters()]
     sched = DDPMScheduler.from_config(scheduler_config())
@@ -192,6 +192,8 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         drop = torch.rand(batch, generator=gen) < dropout
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=gen)
+        if noise_offset:  # see --noise-offset
+            noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, cond).sample
@@ -260,6 +262,12 @@ def main(argv=None) -> int:
     p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--layers-per-block", type=int, default=2, help="UNet resnets per block (SD1.5: 2)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (SD1.5: 8; diffusers calls it attention_head_dim)")
+    p.add_argument("--noise-offset", type=float, default=0.1,
+                   help="per-channel constant noise added in training. The scenes are mostly flat background, and "
+                        "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: without an offset the "
+                        "UNet reads the background from that leak and, when sampling from pure noise, from the "
+                        "seed instead of the prompt")
     p.add_argument("--eval-every", type=int, default=1000, help="quick prompt-following check (0: off)")
     p.add_argument("--snapshots", action="store_true", help="also write the pipeline at each eval (OUT-stepN)")
     p.add_argument("--vae-cache", type=Path, default=None,
@@ -319,7 +327,7 @@ def main(argv=None) -> int:
 
     unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr,
                       gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
-                      layers_per_block=a.layers_per_block)
+                      layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset)
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
