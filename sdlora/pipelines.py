@@ -86,7 +86,7 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
         spec = EMBEDDED_MODEL
         if not (spec / "model_index.json").is_file():
             raise CheckpointError(f"the embedded model is missing at {spec}; reinstall sdlora or build it with "
-                                  "`python -m sdlora.training.make_base_model --out sample_data/models/tiny-sd`")
+                                  "the two commands in training/make_base_model.py")
     path = Path(spec).expanduser()
     if path.is_dir():
         base = load_folder(path, dtype=dtype)

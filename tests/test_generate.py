@@ -1,6 +1,5 @@
 """generate: A1111 prompt tags, LoRA lookup, samplers, seeds, PNG infotext, the CLI."""
 import hashlib
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from safetensors.torch import save_file
 
 from sdlora.errors import SdloraError
 from sdlora.extra_networks import LoraRef, find_lora, parse_lora_arg, parse_prompt, resolve
-from sdlora.generate import apply_loras, generate, lora_hash, save_png
+from sdlora.generate import generate, lora_hash, save_png
 from sdlora.infotext import parse, read_png
 from sdlora.samplers import SAMPLERS, make_scheduler, sampler_name
 
@@ -81,13 +80,6 @@ def test_lora_hash_is_a1111s(tmp_path):
     data = f.read_bytes()
     n = int.from_bytes(data[:8], "little")
     assert lora_hash(f) == hashlib.sha256(data[8 + n:]).hexdigest()[:12]
-
-
-def test_apply_loras_waits_for_mixing(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "sdlora.mixing", None)  # as if sdlora.mixing did not import
-    apply_loras(object(), [])                               # nothing to apply: fine
-    with pytest.raises(NotImplementedError, match="waiting for sdlora.mixing"):
-        apply_loras(object(), [LoraRef("a", 1, 1, _lora_file(tmp_path / "a.safetensors"))])
 
 
 # ---------------------------------------------------------------------------------------------
