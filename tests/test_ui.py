@@ -305,7 +305,7 @@ def test_generation_with_picked_lora(ctx):
     assert calls[-1] == 1.0 and all(a <= b for a, b in zip(calls, calls[1:]))
     # the LoRA changes the picture; the same request again reproduces it exactly
     plain = run_generation(ctx, "a red circle", steps=3, seed=11)
-    again = run_generation(ctx, "a red circle", loras=refs, steps=3, seed=11)
+    again = run_generation(ctx, "a red circle", loras=refs, steps=3, seed=11, batch_size=2, batch_count=2)
     assert np.abs(_pixels(plain)[0] - _pixels(res)[0]).max() > 0
     assert np.array_equal(_pixels(again)[0], _pixels(res)[0])
 
