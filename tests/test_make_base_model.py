@@ -1,0 +1,36 @@
+"""training/make_base_model.py end to end at smoke size (--quick): both stages write a loadable
+pipeline folder with SD1.5 module names, the second stage keeps the first one's VAE and text
+encoder and starts from its UNet."""
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from sdlora.pipelines import load_base
+from sdlora.training import make_base_model as M
+
+
+def _weights(folder, part):
+    name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return load_file(str(folder / part / name))
+
+
+def test_two_stages_quick(tmp_path):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "tiny-sd"
+    assert M.main(["--out", str(stage1), "--quick", "--eval-every", "0"]) == 0
+    assert M.main(["--out", str(stage2), "--quick", "--eval-every", "0", "--init-unet", str(stage1),
+                   "--unet-lr", "3e-4"]) == 0
+    base = load_base(stage2)
+    assert base.family == "sd1" and base.pipe.unet.config.layers_per_block == 1
+    assert base.pipe.tokenizer.vocab_size == 49408
+    for part in ("vae", "text_encoder"):           # the same VAE and text encoder in both stages
+        a, b = _weights(stage1, part), _weights(stage2, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    u1, u2 = _weights(stage1, "unet"), _weights(stage2, "unet")
+    assert u1.keys() == u2.keys() and any(not torch.equal(u1[k], u2[k]) for k in u1)   # trained on
+    assert all(t.dtype == torch.float16 for t in u2.values())
+    assert json.loads((stage2 / "vae" / "config.json").read_text())["scaling_factor"] == \
+        json.loads((stage1 / "vae" / "config.json").read_text())["scaling_factor"]
+    out = base.pipe("a red circle", num_inference_steps=2, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and out.std() > 0
