@@ -17,9 +17,13 @@ def _weights(folder, part):
 
 def test_two_stages_quick(tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "tiny-sd"
-    assert M.main(["--out", str(stage1), "--quick", "--eval-every", "0"]) == 0
-    assert M.main(["--out", str(stage2), "--quick", "--eval-every", "0", "--init-unet", str(stage1),
-                   "--unet-lr", "3e-4"]) == 0
+    threads = torch.get_num_threads()
+    try:                                           # the script sets torch's thread count (--threads)
+        assert M.main(["--out", str(stage1), "--quick", "--eval-every", "0"]) == 0
+        assert M.main(["--out", str(stage2), "--quick", "--eval-every", "0", "--init-unet", str(stage1),
+                       "--unet-lr", "3e-4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     base = load_base(stage2)
     assert base.family == "sd1" and base.pipe.unet.config.layers_per_block == 1
     assert base.pipe.tokenizer.vocab_size == 49408
