@@ -24,6 +24,8 @@ def test_two_stages_quick(tmp_path):
                        "--unet-lr", "3e-4"]) == 0
     finally:
         torch.set_num_threads(threads)
+    assert "trained from scratch" in (stage1 / "README.md").read_text()
+    assert f"its UNet continued from {stage1}" in (stage2 / "README.md").read_text()
     base = load_base(stage2)
     assert base.family == "sd1" and base.pipe.unet.config.layers_per_block == 1
     assert base.pipe.tokenizer.vocab_size == 49408

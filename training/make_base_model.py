@@ -351,8 +351,9 @@ def main(argv=None) -> int:
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
+    origin = f"its UNet continued from {a.init_unet}" if a.init_unet else "trained from scratch"
     card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
-            f"trained from scratch on procedural scenes by\n`python -m sdlora.training.make_base_model "
+            f"{origin} on procedural scenes by\n`python -m sdlora.training.make_base_model "
             f"--out DIR --seed {a.seed}` ({minutes:.1f} minutes wall, {cpu_minutes:.1f} minutes CPU, "
             f"{a.threads} thread{'s' if a.threads > 1 else ''}{', VAE from cache' if vae_cached else ''}).\n\n"
             f"```json\n{json.dumps(dict(settings, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
