@@ -77,3 +77,16 @@ def test_bad_options_are_clear_errors(tmp_path):
         C.build_config(preset="nope")
     with pytest.raises(SdloraError, match="does not exist"):
         C.build_config(config_file=tmp_path / "missing.toml")
+
+
+def test_resume_config_is_the_checkpoints_and_lists_every_contradiction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stored = C.absolute_paths(C.TrainConfig(data_dir="imgs", output="loras/x.safetensors", steps=6, resolution=32))
+    # repeated options are fine, relative paths included (they name the same folder)
+    cfg = C.resume_config(stored.to_dict(), {"data_dir": "imgs", "steps": 6, "resume": "ck"}, "ck")
+    assert cfg.replace(resume="") == stored and cfg.resume == "ck" and cfg.data_dir == str(tmp_path / "imgs")
+    with pytest.raises(SdloraError) as e:
+        C.resume_config(stored.to_dict(), {"steps": 8, "rank": 16, "resolution": 64, "data_dir": "other"}, "ck")
+    text = str(e.value)
+    assert "--steps: checkpoint 6, given 8" in text and "--resolution: checkpoint 32, given 64" in text
+    assert f"FOLDER: checkpoint {str(tmp_path / 'imgs')!r}" in text and "--rank" not in text    # 16 is the default

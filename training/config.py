@@ -152,9 +152,12 @@ class TrainConfig:
                               "output", choices=["fp32", "fp16", "bf16"])
     save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)", "output", low=0)
     keep_checkpoints: int = opt(0, "keep only the newest N step checkpoints (0: keep all)", "output", low=0)
-    checkpoint_dir: str = opt("", "where checkpoints go (default: <output>-checkpoints)", "output")
-    resume: str = opt("", "continue from a checkpoint folder (same config: the result equals an "
-                          "uninterrupted run)", "output")
+    checkpoint_dir: str = opt("", "where checkpoints and sample images go (default: checkpoints/<name>/ in "
+                                  "the current folder, never the LoRA folder)", "output")
+    resume: str = opt("", "continue from a checkpoint folder with the options stored in it (`sdlora train "
+                          "--resume DIR` alone; the result equals an uninterrupted run)", "output")
+    preview: bool = opt(True, "write <name>.preview.png beside the LoRA (A1111's card image): the last sample, "
+                              "or one image rendered at the end", "output")
     comment: str = opt("", "free text stored as ss_training_comment", "output")
     # --- samples ---
     sample_every: int = opt(0, "generate sample images every N steps (0: off)", "samples", low=0)
@@ -314,15 +317,48 @@ def load_preset(name: str) -> dict:
     return load_toml(table[key])
 
 
-def build_config(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> TrainConfig:
-    """defaults < preset < config file < overrides (e.g. the flags given on the command line)."""
+def given_values(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> dict:
+    """The options set by a preset < config file < overrides (no defaults)."""
     values = {}
     if preset:
         values.update(load_preset(preset))
     if config_file:
         values.update(load_toml(config_file))
     values.update(_check_keys(overrides or {}, "options"))
-    return TrainConfig(**values).validate()
+    return values
+
+
+def build_config(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < preset < config file < overrides (e.g. the flags given on the command line)."""
+    return TrainConfig(**given_values(preset=preset, config_file=config_file, overrides=overrides)).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming: the checkpoint's config is the run's config
+
+PATH_KEYS = ("data_dir", "output", "base", "checkpoint_dir", "class_data_dir", "cache_dir")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its paths absolute, so a checkpoint's copy works from any folder (a base
+    that is no existing path, e.g. a hub id, stays as it is)."""
+    changes = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in PATH_KEYS
+               if getattr(cfg, k) and (k != "base" or Path(getattr(cfg, k)).expanduser().exists())}
+    return cfg.replace(**changes)
+
+
+def resume_config(stored: dict, given: dict, resume: str) -> TrainConfig:
+    """The run stored in a checkpoint, continued from `resume`. Options in `given` (preset, config
+    file, flags) may repeat the stored ones; any that differ are an error listing them all."""
+    names = {f.name for f in fields()}
+    old = absolute_paths(TrainConfig(**{k: v for k, v in stored.items() if k in names}).validate())
+    new = absolute_paths(old.replace(**given).validate())
+    diffs = [f"  {flag(k) if k != 'data_dir' else 'FOLDER'}: checkpoint {getattr(old, k)!r}, given {getattr(new, k)!r}"
+             for k in given if k != "resume" and getattr(old, k) != getattr(new, k)]
+    if diffs:
+        raise SdloraError(f"--resume {resume}: options differ from the run stored in the checkpoint "
+                          "(leave them out to continue that run, or start a new one):\n" + "\n".join(diffs))
+    return old.replace(resume=str(resume))
 
 
 # ---------------------------------------------------------------------------------------------
