@@ -41,12 +41,26 @@ def test_layering_defaults_preset_file_flags(tmp_path):
     path.write_text("rank = 12\nunet_lr = 3e-4\n[network]\nalpha = 6.0\n")
     args = _parse(["--unet-lr", "5e-4", "--no-buckets", "--unet-targets", "attn", "proj"])
     cfg = C.build_config(preset="tiny CPU demo", config_file=path, overrides=C.overrides_from_args(args))
-    assert cfg.resolution == 64                    # preset
+    assert cfg.batch_size == 8 and cfg.steps == 300  # preset
     assert cfg.rank == 12 and cfg.alpha == 6.0     # file over preset
     assert cfg.unet_lr == 5e-4                     # flag over file
     assert cfg.buckets is False and cfg.unet_targets == ["attn", "proj"]
     assert cfg.seed == C.TrainConfig().seed        # untouched: the default
     assert C.overrides_from_args(_parse([])) == {}  # flags not typed do not override anything
+
+
+def test_the_embedded_base_brings_its_own_defaults(tmp_path):
+    """No preset on the embedded model: tiny-cpu-demo's values (read from its TOML file here) are the
+    defaults, under flags; another base or an explicit preset does not get them; the device is never pinned."""
+    import tomllib
+    tiny = tomllib.loads((C.PRESET_DIR / "tiny-cpu-demo.toml").read_text())
+    cfg = C.build_config(overrides={"steps": 50})
+    assert cfg.steps == 50 and cfg.rank == tiny["rank"] and cfg.unet_lr == tiny["unet_lr"]
+    assert cfg.batch_size == tiny["batch_size"] and cfg.device == C.TrainConfig().device
+    other = C.build_config(overrides={"base": str(tmp_path)})
+    assert other.rank == C.TrainConfig().rank and other.steps == C.TrainConfig().steps
+    assert C.build_config(preset="style-sd15").rank == C.load_preset("style-sd15").get("rank", C.TrainConfig().rank)
+    assert C.TrainConfig().resolution == 0          # the base's native size, decided by the trainer
 
 
 @pytest.mark.parametrize("name", ["style SD1.5", "style SDXL", "tiny CPU demo", "style-sd15"])

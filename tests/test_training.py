@@ -407,3 +407,15 @@ def test_bf16_weights_gradient_checkpointing_and_webp(tmp_path):
     assert res.status == "done" and res.loss == res.loss                # finite, not NaN
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for k, v in load_file(res.output).items()
                if "lora_down" in k)
+
+
+def test_resolution_zero_is_the_base_models_native_size(tmp_path):
+    data = make_folder(tmp_path / "data", n=2)
+    pipe = tiny_pipeline("sd1")
+    native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)   # the formula
+    trainer = Trainer(tiny_cfg(tmp_path, steps=1, resolution=0, buckets=False), base=pipe)
+    plan = trainer.prepare()
+    assert trainer.resolution == native and trainer.cfg.resolution == native
+    assert plan.resolution == f"{native} px (the base model's native size)"
+    assert f"resolution: {native} px (the base model's native size)" in plan.describe()
+    assert set(plan.buckets) == {(native, native)}

@@ -78,6 +78,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def _print_base_defaults(cfg, given: dict) -> None:
+    """Say which settings the base model chose (see config.base_defaults), so no default is hidden."""
+    from sdlora.training.config import base_defaults
+    name, values = base_defaults(cfg.base)
+    chosen = [f"{k}={getattr(cfg, k)}" for k in values if k not in given]
+    if chosen:
+        print(f"settings from the base model (preset {name}; a flag or --preset overrides them): "
+              + ", ".join(chosen), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from sdlora.errors import SdloraError
     overrides = overrides_from_args(args)
@@ -89,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_config(stored_config(overrides["resume"]), given, overrides["resume"])
     else:
         cfg = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+        if not args.preset:
+            _print_base_defaults(cfg, given_values(config_file=args.config, overrides=overrides))
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0

@@ -214,7 +214,7 @@ class Trainer:
 
         # the folder first: a wrong path should not wait for a model to load
         self._status("scanning", f"reading {cfg.data_dir}")
-        min_size = cfg.min_image_size or cfg.resolution // 4
+        min_size = cfg.min_image_size or cfg.resolution // 4     # resolution 0: known once the base is loaded
         train_scan = ds.scan(cfg.data_dir, trigger=cfg.trigger, class_word=cfg.class_word,
                              caption_extensions=cfg.caption_extensions, repeats=cfg.repeats, min_image_size=min_size)
 
@@ -223,6 +223,14 @@ class Trainer:
         self._place_models()
 
         granularity = self._latent_granularity()
+        native = self._native_resolution()
+        res_note = f"{cfg.resolution or native} px" + ("" if cfg.resolution else " (the base model's native size)")
+        if not cfg.resolution:
+            cfg = self.cfg = cfg.replace(resolution=native)
+            min_size = cfg.min_image_size or native // 4
+            train_scan = ds.scan(cfg.data_dir, trigger=cfg.trigger, class_word=cfg.class_word,
+                                 caption_extensions=cfg.caption_extensions, repeats=cfg.repeats,
+                                 min_image_size=min_size)
         res = max(granularity, cfg.resolution // granularity * granularity)
         step = max(granularity, math.ceil(cfg.bucket_step / granularity) * granularity)
         if step > res:                      # tiny resolutions: finer steps than kohya's 64
@@ -254,6 +262,7 @@ class Trainer:
                                                                 self.accel.num_processes)),
                          tag_frequency=ds.tag_frequency(items), captions_by_source=sources,
                          truncated=count_truncated(self.base.tokenizers[0], captions))
+        plan.resolution = res_note
         self.plan = plan
         if self.main:
             self.cb.on_plan(plan)
@@ -277,6 +286,11 @@ class Trainer:
                                 else self.cfg.prediction_type)
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def _native_resolution(self) -> int:
+        """The size the base was trained at: UNet sample size x VAE downscale (SD1 512, SD2-v 768, SDXL 1024)."""
+        pipe = self.base.pipe
+        return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
     def _latent_granularity(self) -> int:
         """Pixel multiple the model needs: VAE downscale x UNet downsamplings."""
