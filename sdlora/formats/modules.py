@@ -42,7 +42,7 @@ def sparse_offset(module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
             or (idx.numel() and (idx.min() < 0 or (idx.max(dim=1).values >= torch.tensor(size)).any()))):
         raise LoraFormatError(f"{module}: damaged sparse residual: bias_indices {list(idx.shape)}, bias_values "
                               f"{list(val.shape)}, bias_size {list(size)} (need [2, n] indices inside the size)")
-    return torch.sparse_coo_tensor(idx, val, size).coalesce()
+    return torch.sparse_coo_tensor(idx, val, size, check_invariants=True).coalesce()
 
 
 def build_adapter(module: str, parts: dict[str, torch.Tensor], alpha: float | None = None) -> tuple[Adapter, set]:
