@@ -263,10 +263,6 @@ class Full(Adapter):
         d = self.tensors.get("diff")
         return d is None or tuple(d.shape) == tuple(weight_shape)
 
-    def bias_shape_ok(self, bias_shape) -> bool:
-        b = self.tensors.get("diff_b")
-        return b is None or (bias_shape is not None and tuple(b.shape) == tuple(bias_shape))
-
     def _raw(self, weight):
         return self._t("diff", weight) if "diff" in self.tensors else torch.zeros_like(weight, dtype=torch.float32)
 

@@ -172,14 +172,16 @@ K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"   # r
 
 def test_metadata_contradicting_the_tensors_warns_and_loads(tmp_path):
     g = torch.Generator().manual_seed(0)
-    sd = {f"{K}.lora_down.weight": torch.randn(4, 768, generator=g), f"{K}.lora_up.weight": torch.randn(320, 4, generator=g)}
+    sd = {f"{K}.lora_down.weight": torch.randn(4, 768, generator=g),
+          f"{K}.lora_up.weight": torch.randn(320, 4, generator=g)}
     f = tmp_path / "mislabelled.safetensors"
     save_file(sd, str(f), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.warns(UserWarning) as caught:
         lf = read_lora(f, family="sd1")  # an SD1.5 base: loads
     msg = " ".join(str(w.message) for w in caught)
     assert "SDXL" in msg and "SD1.x" in msg and "ss_base_model_version" in msg, msg
-    assert lf.family == "sd1" and list(lf.patches) == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert lf.family == "sd1"
+    assert list(lf.patches) == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
     assert "cross-attention input width 768" in lf.family_evidence
     with pytest.warns(UserWarning):
         assert read_lora(f).family == "sd1"  # detected: the tensors, not the metadata
@@ -187,7 +189,8 @@ def test_metadata_contradicting_the_tensors_warns_and_loads(tmp_path):
     assert any("SDXL" in n and "SD1.x" in n for n in info["notes"]) and "note" in format_text(info)
     # tiny shapes (no width that decides): SD1/SD2 block names still rule SDXL out
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    tiny = {f"{q}.lora_down.weight": torch.randn(4, 32, generator=g), f"{q}.lora_up.weight": torch.randn(32, 4, generator=g)}
+    tiny = {f"{q}.lora_down.weight": torch.randn(4, 32, generator=g),
+            f"{q}.lora_up.weight": torch.randn(32, 4, generator=g)}
     f2 = tmp_path / "tiny.safetensors"
     save_file(tiny, str(f2), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
     with pytest.warns(UserWarning, match=r"SDXL .* SD1.x or SD2.x"):
@@ -293,7 +296,7 @@ def test_fuse_and_mix_a_comfy_file(tmp_path):
         close(got.weight, mod.weight - 0.5 * comfy_delta(sd, names[p], mod.weight.shape), p)
         if f"{names[p]}.diff_b" in sd:
             close(got.bias, mod.bias - 0.5 * sd[f"{names[p]}.diff_b"].float(), p)
-    # `sdlora mix`: a ComfyUI file without biases concatenates exactly with a kohya-named LoHa-free LoRA
+    # `sdlora mix`: a ComfyUI file without biases concatenates exactly with a PEFT file
     nb = comfy_file(tmp_path / "nb.safetensors", "sd1", paths=paths, seed=5, biases=False)
     peft = _peft_file(tmp_path / "p.safetensors", "sd1", paths, torch.Generator().manual_seed(6))
     mixed = mix_loras([MixEntry(str(tmp_path / "nb.safetensors"), unet=-1.5, text_encoder=0.4),

@@ -93,7 +93,8 @@ _SD12_ONLY = re.compile(
     r"|input_blocks[._](1|2|9|10|11)[._]|output_blocks[._](9|10|11)[._]|output_blocks[._]2[._]1[._]conv"
     r"|down_blocks[._]2[._]downsamplers|output_blocks[._][6-8][._]1[._]")
 _CROSS_KV = re.compile(r"attn2[._]to_[kv]$")
-_TE_Q = re.compile(r"(?:^lora_te_|^text_encoder\.|^lycoris_text_model|^text_encoders\.clip_[lh]\.).*?layers[._](\d+)[._]")
+_TE_Q = re.compile(r"(?:^lora_te_|^text_encoder\.|^lycoris_text_model|^text_encoders\.clip_[lh]\.)"
+                   r".*?layers[._](\d+)[._]")
 _PROJ_IN = re.compile(r"proj_in$")
 _CLIP_H = re.compile(r"^text_encoders\.clip_h\.")  # ComfyUI names SD2's OpenCLIP ViT-H text encoder clip_h
 # modules every family has, with the same names and (real-size) shapes: they cannot tell families apart
