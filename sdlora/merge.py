@@ -23,9 +23,10 @@ import datetime
 import hashlib
 import json
 import math
+import errno
 import os
 import shutil
-import tempfile
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from safetensors.torch import save_file
 from sdlora.adapters import LoRA
 from sdlora.errors import SdloraError
 from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
-from sdlora.atomic import atomic_save_file, replace_dir
+from sdlora.atomic import atomic_save_file, clean_stale, replace_dir, temp_dir
 from sdlora.formats.writer import lora_state_dict
+from sdlora.paths import check_output_file, explain_oserror
 from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
                            fused_weight, is_plain_lora, load_sources, lora_factors, plan)
 
@@ -269,16 +271,12 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
     """Write a copy of the diffusers folder `base` at `out` with the weighted LoRAs added to its weights.
 
     Returns the number of tensors patched per component. The folder appears at `out` only when
-    complete (built next to it, then renamed).
+    complete (built next to it, then renamed). Everything is checked before anything is written.
     """
     base, out = Path(base), Path(out)
     target = _folder_target(base)
-    if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
-        raise SdloraError(f"output {out} is the base folder or inside it; write to a new folder")
-    if out.exists() and not overwrite:
-        raise SdloraError(f"{out} already exists; pass --overwrite to replace it, or pick another folder")
-    if not out.parent.is_dir():
-        raise SdloraError(f"cannot write {out}: folder {out.parent} does not exist")
+    dirs, files = _scan_tree(base)
+    replacing = _check_out(base, out, overwrite, files)
     loras = load_sources(entries, target.family, target.configs, cache or DEFAULT_CACHE)
     recipes = plan(entries, loras, target.unet_config)
     where, shapes = _locate({p for lf in loras for p in lf.patches}, recipes, target, base)
@@ -287,9 +285,9 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
     # file -> {tensor name: recipe}; bias deltas need a bias tensor in the same file
     jobs: dict[Path, dict[str, tuple]] = {}
     for path, recipe in recipes.items():
-        name, files, bias_files = where[path]
+        name, found, bias_files = where[path]
         has_bias = bool(bias_deltas(torch.zeros(shapes[path][0]), recipe))
-        for f in files:
+        for f in found:
             jobs.setdefault(f, {})[name + ".weight"] = ("weight", recipe)
             if has_bias:
                 if f not in bias_files:
@@ -297,38 +295,110 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
                                       "it cannot be baked into this folder")
                 jobs[f][name + ".bias"] = ("bias", recipe)
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    clean_stale(out.parent, out.name, log=log)
     try:
-        skipped = _copy_tree(base, tmp, exclude=set(jobs), touched={f.parent for f in jobs})
-        counts: dict[str, int] = {}
-        for f, patches in jobs.items():
-            _patch_file(f, tmp / f.relative_to(base), patches, device)
-            comp = f.parent.name
-            counts[comp] = counts.get(comp, 0) + sum(1 for kind, _ in patches.values() if kind == "weight")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = temp_dir(out.parent, out.name)
+        try:
+            skipped = _copy_tree(base, tmp, dirs, files, exclude=set(jobs), touched={f.parent for f in jobs})
+            counts: dict[str, int] = {}
+            for f, patches in jobs.items():
+                _patch_file(f, tmp / f.relative_to(base), patches, device)
+                comp = f.parent.name
+                counts[comp] = counts.get(comp, 0) + sum(1 for kind, _ in patches.values() if kind == "weight")
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as e:
+        raise SdloraError(f"cannot write {out}: {explain_oserror(e)}. Nothing was changed: "
+                          f"{'the old ' + str(out) + ' is still there' if replacing else 'no folder was created'}"
+                          ) from e
+    if replacing:
+        log(f"replaced {out} ({replacing})")
     for f in skipped:
         log(f"note: left out {f.relative_to(base)} (.bin weights of a component whose safetensors were changed)")
     return counts
 
 
-def _copy_tree(base: Path, dest: Path, exclude: set[Path], touched: set[Path]) -> list[Path]:
+def _check_out(base: Path, out: Path, overwrite: bool, files: list[Path]) -> str | None:
+    """Refuse an `out` whose replacement would lose data; returns what will be replaced, if anything."""
+    rb, ro = base.resolve(), out.resolve()
+    if ro == rb or rb in ro.parents:
+        raise SdloraError(f"output {out} is the base folder or inside it; write to a new folder")
+    if ro in rb.parents:
+        raise SdloraError(f"output {out} contains the base folder {base}; replacing it would delete the base "
+                          "model. Write to a new folder")
+    for f in files:
+        real = (base / f).resolve()
+        if real == ro or ro in real.parents:
+            raise SdloraError(f"the base folder's {f} is a link into {out}; replacing {out} would delete it. "
+                              "Write to a new folder")
+    if not out.parent.is_dir():
+        raise SdloraError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not (out.exists() or out.is_symlink()):
+        return None
+    if not overwrite:
+        raise SdloraError(f"{out} already exists; pass --overwrite to replace it, or pick another folder")
+    if not out.is_dir():
+        raise SdloraError(f"{out} is a file, not a folder; --overwrite replaces only a model folder or an empty "
+                          "folder. Move the file or pick another output")
+    inside = sorted(p.name for p in out.iterdir())
+    if not inside:
+        return "an empty folder"
+    if (out / "model_index.json").is_file():
+        return f"a model folder of {len(inside)} entries"
+    raise SdloraError(f"{out} is not a model folder (no model_index.json) and holds {len(inside)} entries "
+                      f"(e.g. {', '.join(inside[:3])}); --overwrite replaces only a model folder or an empty "
+                      "folder, so nothing was touched. Pick another output folder")
+
+
+def _scan_tree(base: Path) -> tuple[list[Path], list[Path]]:
+    """(folders, files) of `base`, relative, links followed; a link loop or a broken link is an error."""
+    dirs, files = [], []
+
+    def walk(folder: Path, rel: Path, above: frozenset):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise SdloraError(f"cannot read the base folder: {explain_oserror(e)}") from None
+        for entry in entries:
+            if entry.name == ".git":
+                continue
+            p = Path(entry.path)
+            try:
+                is_dir = stat.S_ISDIR(os.stat(p).st_mode)   # follows links
+            except OSError as e:
+                if e.errno == errno.ENOENT and p.is_symlink():
+                    raise SdloraError(f"{p} in the base folder is a broken symbolic link (to {os.readlink(p)}); "
+                                      "fix or remove it") from None
+                raise SdloraError(f"cannot read the base folder: {explain_oserror(e)}") from None
+            if not is_dir:
+                files.append(rel / entry.name)
+                continue
+            real = os.path.realpath(p)
+            if real in above:
+                raise SdloraError(f"{p} in the base folder is a symbolic link loop: it leads back to {real}, "
+                                  "a folder it is inside; fix or remove the link")
+            dirs.append(rel / entry.name)
+            walk(p, rel / entry.name, above | {real})
+
+    walk(base, Path(), frozenset({os.path.realpath(base)}))
+    return dirs, files
+
+
+def _copy_tree(base: Path, dest: Path, dirs, files, exclude: set[Path], touched: set[Path]) -> list[Path]:
     """Copy every file (links followed) except `exclude`; stale .bin weights of touched components are left out."""
     skipped = []
-    for root, dirs, files in os.walk(base, followlinks=True):
-        dirs[:] = [d for d in dirs if d != ".git"]
-        root = Path(root)
-        (dest / root.relative_to(base)).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            src = root / name
-            if src in exclude:
-                continue
-            if root in touched and name.endswith(".bin"):
-                skipped.append(src)
-                continue
-            shutil.copy2(src, dest / src.relative_to(base))
+    for d in dirs:
+        (dest / d).mkdir(exist_ok=True)
+    for rel in files:
+        src = base / rel
+        if src in exclude:
+            continue
+        if src.parent in touched and src.name.endswith(".bin"):
+            skipped.append(src)
+            continue
+        shutil.copy2(src, dest / rel)
     return skipped
 
 
@@ -376,7 +446,7 @@ def run(args) -> int:
         done = ", ".join(f"{c}: {n} weights" for c, n in counts.items()) or "nothing"
         print(f"wrote {args.out} ({done} patched; everything else copied unchanged)")
         return 0
-    out = Path(args.out)
+    out = check_output_file(args.out)     # before the work: not a folder, its folder exists
     mixed = mix_loras(entries, rank=args.rank)
     save_mix(out, mixed, entries, dtype=DTYPES[args.save_dtype] if args.save_dtype else None)
     total = sum(mixed.modules.values())
