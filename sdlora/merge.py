@@ -40,7 +40,7 @@ from sdlora.errors import SdloraError
 from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
 from sdlora.atomic import atomic_save_file, clean_stale, replace_dir, temp_dir
 from sdlora.formats.writer import lora_state_dict
-from sdlora.paths import check_output_file, explain_oserror
+from sdlora.paths import explain_oserror
 from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
                            fused_weight, is_plain_lora, load_sources, lora_factors, plan)
 
@@ -415,46 +415,3 @@ def _patch_file(src: Path, dst: Path, patches: dict[str, tuple], device: str) ->
                 new = fused_bias(t.to(device), bias_deltas(t.to(device), recipe), t)
             tensors[key] = new.to(dtype=t.dtype, device="cpu")
     save_file(tensors, str(dst), metadata=meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-def add_arguments(parser, name: str) -> None:
-    lora_help = ("a LoRA file and its weight (default 1.0; negative allowed), e.g. style.safetensors:0.7; "
-                 "repeat for several")
-    if name == "fuse":
-        parser.add_argument("base", help="diffusers pipeline folder (SD1.x, SD2.x or SDXL)")
-        parser.add_argument("out", help="folder to write (a complete diffusers pipeline)")
-        parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help=lora_help)
-        parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-        parser.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, ...); default cpu")
-    else:
-        parser.add_argument("out", help="LoRA file to write (.safetensors, kohya format)")
-        parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help=lora_help)
-        parser.add_argument("--rank", type=int, default=None,
-                            help="merge by SVD to this rank (default: exact, ranks concatenated; needed for "
-                                 "LoHa/LoKr/full inputs)")
-        parser.add_argument("--save-dtype", choices=sorted(DTYPES), default=None,
-                            help="dtype of the written tensors (default: the inputs' dtype, fp32 if they differ)")
-
-
-def run(args) -> int:
-    entries = [MixEntry.parse(spec) for spec in args.lora]
-    if args.command == "fuse":
-        counts = fuse(args.base, args.out, entries, overwrite=args.overwrite, device=args.device)
-        done = ", ".join(f"{c}: {n} weights" for c, n in counts.items()) or "nothing"
-        print(f"wrote {args.out} ({done} patched; everything else copied unchanged)")
-        return 0
-    out = check_output_file(args.out)     # before the work: not a folder, its folder exists
-    mixed = mix_loras(entries, rank=args.rank)
-    save_mix(out, mixed, entries, dtype=DTYPES[args.save_dtype] if args.save_dtype else None)
-    total = sum(mixed.modules.values())
-    if mixed.method == "concat":
-        print(f"wrote {out}: exact merge (ranks concatenated), {total} modules")
-    else:
-        print(f"wrote {out}: SVD merge to rank {mixed.rank}, {total} modules; relative error "
-              "(‖sum − merged‖_F / ‖sum‖_F) per component:")
-        for comp, err in mixed.errors.items():
-            print(f"  {comp}: {err:.4g} ({mixed.modules[comp]} modules)")
-    return 0

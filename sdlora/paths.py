@@ -29,6 +29,8 @@ _ERRNO = {
 
 def explain_oserror(e: OSError) -> str:
     """One sentence for an OSError: the path, what happened (errno name) and what to do."""
+    if e.errno is None:      # raised with a message of ours (FileNotFoundError("no such LoRA file ..."))
+        return str(e)
     what, todo = _ERRNO.get(e.errno, (e.strerror or str(e), "check the path and the device"))
     code = errno.errorcode.get(e.errno, "")
     where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""

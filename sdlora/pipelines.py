@@ -124,7 +124,7 @@ def load_folder(path: Path, *, dtype=torch.float32) -> BaseModel:
         raise CheckpointError(f"{path} is not a diffusers pipeline folder (no model_index.json); expected a "
                               "folder saved by diffusers' save_pretrained or a single checkpoint file")
     index = json.loads(index_file.read_text())
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_folder_kwargs(index))
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **_folder_kwargs(index))
     return wrap_pipeline(pipe, name=path.name, source=str(path))
 
 
@@ -132,7 +132,7 @@ def load_hub(repo_id: str, *, dtype=torch.float32) -> BaseModel:
     """A hub id: the only case that may download."""
     from diffusers import DiffusionPipeline
     index = DiffusionPipeline.load_config(repo_id)
-    pipe = DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, **_folder_kwargs(index))
+    pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, **_folder_kwargs(index))
     return wrap_pipeline(pipe, name=repo_id, source=repo_id)
 
 
@@ -257,15 +257,17 @@ def load_single_file(path: Path, *, dtype=torch.float32, config_root=CONFIG_DIR)
     family = detect_family(sd)
     sd = _fix_clip_prefix(sd)
     cfg = str(Path(config_root) / family)
-    common = dict(config=cfg, local_files_only=True, torch_dtype=dtype)
+    common = dict(config=cfg, local_files_only=True)
+    # diffusers models take `dtype` (`torch_dtype` is deprecated); its CLIP converter still takes torch_dtype
     try:
-        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
-        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", dtype=dtype, **common)
+        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", dtype=dtype, **common)
         te_cls = CLIPTextModel
-        parts = {"text_encoder": create_diffusers_clip_model_from_ldm(te_cls, sd, subfolder="text_encoder", **common)}
+        parts = {"text_encoder": create_diffusers_clip_model_from_ldm(te_cls, sd, subfolder="text_encoder",
+                                                                      torch_dtype=dtype, **common)}
         if family == "sdxl":
             parts["text_encoder_2"] = create_diffusers_clip_model_from_ldm(
-                CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", **common)
+                CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", torch_dtype=dtype, **common)
     except (ValueError, RuntimeError, KeyError) as e:  # shape/key mismatches inside the converters
         raise CheckpointError(f"{path.name} looks like an {family} checkpoint but does not match its architecture "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); it may be a merge of another "
