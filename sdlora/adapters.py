@@ -8,7 +8,9 @@ Applying at strength s is `apply(W, s)`; for additive algorithms that is W + s·
 
 Modifiers every adapter honours (A1111 network.py `NetworkModule`): a stored `scale` tensor
 overrides alpha/rank, and an A1111 `bias` tensor (weight-sized, despite the name) is added to the
-unscaled update before scaling (`finalize_updown`).
+unscaled update before scaling (`finalize_updown`). That offset may be a sparse COO tensor
+(LyCORIS extraction's `bias_indices/values/size`); it is densified per module only when used.
+A `diff_b` tensor beside any algorithm's parts (ComfyUI LoraSave with bias_diff) is Δb as is.
 """
 from __future__ import annotations
 
@@ -49,12 +51,14 @@ class Adapter:
         """ΔW (float32, weight's shape and device) at strength 1."""
         d = self._raw(weight).reshape(weight.shape)
         if "bias" in self.tensors:  # A1111: a weight-sized offset added before the scale
-            d = d + self._t("bias", weight).reshape(weight.shape)
+            off = self._t("bias", weight)
+            d = d + (off.to_dense() if off.is_sparse else off).reshape(weight.shape)
         return d * self.scale
 
     def bias_delta(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """Δb (float32) at strength 1, or None when the adapter has no bias part."""
-        return None
+        # ComfyUI applies `diff_b` as a plain "diff" patch on the bias: strength only, no alpha
+        return self._t("diff_b", bias) if "diff_b" in self.tensors else None
 
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         """The patched weight in float32 given the current one (in float32)."""
@@ -126,7 +130,11 @@ class LoRA(Adapter):
         return up2 @ down.reshape(r, -1)
 
     def bias_delta(self, bias):
-        return self._t("up_bias", bias) * self.scale if "up_bias" in self.tensors else None
+        diff_b = super().bias_delta(bias)
+        if "up_bias" not in self.tensors:
+            return diff_b
+        lora_b = self._t("up_bias", bias) * self.scale
+        return lora_b if diff_b is None else lora_b + diff_b
 
 
 class LoHa(Adapter):
@@ -254,10 +262,6 @@ class Full(Adapter):
     def target_shape_ok(self, weight_shape) -> bool:
         d = self.tensors.get("diff")
         return d is None or tuple(d.shape) == tuple(weight_shape)
-
-    def bias_shape_ok(self, bias_shape) -> bool:
-        b = self.tensors.get("diff_b")
-        return b is None or (bias_shape is not None and tuple(b.shape) == tuple(bias_shape))
 
     def _raw(self, weight):
         return self._t("diff", weight) if "diff" in self.tensors else torch.zeros_like(weight, dtype=torch.float32)

@@ -7,13 +7,16 @@
 
 As in A1111, W is the text-encoder multiplier and the UNet multiplier defaults to it; the tags are
 removed from the text the text encoder sees. NAME is a file stem looked up (recursively) in the
-LoRA folder, exactly first, then ignoring case.
+LoRA folder, exactly first, then ignoring case. The folder's LoRAs are its `.safetensors` files
+outside hidden and training-checkpoint folders (`lora_files`); an older `.pt/.ckpt` LoRA is used
+through `--lora PATH`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,23 @@ from pathlib import Path
 from sdlora.blocks import parse_lbw
 from sdlora.errors import SdloraError
 
-LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")
+LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")      # what --lora PATH reads
+FOLDER_EXTS = (".safetensors",)                            # what a LoRA folder lists
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A training-checkpoint folder (`NAME-checkpoints/`, or a `step-N/` one with state.json): its
+    step LoRAs, optimizer and state files are no LoRAs to pick."""
+    return path.name.endswith("-checkpoints") or (path / "state.json").is_file()
+
+
+def lora_files(folder) -> list[Path]:
+    """The LoRA files in `folder` (recursively; hidden files/folders and checkpoint folders skipped)."""
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_checkpoint_folder(Path(root) / d))
+        out += [Path(root) / n for n in names if n.lower().endswith(FOLDER_EXTS) and not n.startswith(".")]
+    return out
 _TAG = re.compile(r"<(lora|lyco):([^>]+)>", re.IGNORECASE)
 
 
@@ -109,8 +128,7 @@ def parse_lora_arg(spec: str) -> LoraRef:
 def find_lora(name: str, folder) -> Path:
     """The LoRA file called `name` in `folder` (searched recursively)."""
     folder = Path(folder).expanduser()
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in LORA_EXTS and p.is_file()) \
-        if folder.is_dir() else []
+    files = sorted(p for p in lora_files(folder) if p.is_file()) if folder.is_dir() else []
     for match in ([p for p in files if p.stem == name], [p for p in files if p.stem.lower() == name.lower()]):
         if len(match) == 1:
             return match[0]
@@ -123,7 +141,7 @@ def find_lora(name: str, folder) -> Path:
     close = difflib.get_close_matches(name, stems, n=3)
     hint = f" Did you mean: {', '.join(close)}?" if close else \
         (f" Available: {', '.join(stems[:10])}{' ...' if len(stems) > 10 else ''}." if stems else " The folder has no LoRA files.")
-    raise FileNotFoundError(f"<lora:{name}>: no {'/'.join(LORA_EXTS)} file named {name!r} in {folder}.{hint}")
+    raise FileNotFoundError(f"<lora:{name}>: no {'/'.join(FOLDER_EXTS)} file named {name!r} in {folder}.{hint}")
 
 
 def resolve(refs: list[LoraRef], folder) -> list[LoraRef]:

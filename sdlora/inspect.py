@@ -102,6 +102,7 @@ def inspect_lora(path, *, family: str | None = None) -> dict:
         "trigger_words": words, "trigger_source": source, "embeddings": list(lf.embeddings),
         "metadata": metadata, "hashes": lora_hashes(path), "unmatched": lf.unmatched,
         "shape_misfits": lf.misfits,  # vs the family's real-size model
+        "notes": lf.notes,  # e.g. metadata that contradicts the tensors, a sparse residual applied
     }
 
 
@@ -129,6 +130,8 @@ def format_text(info: dict, width: int = 100) -> str:
     lines.append(f"  sha256      {h['sha256']}  (AutoV2 {h['autov2']})")
     if "addnet" in h:
         lines.append(f"  addnet      {h['addnet']}  (A1111 'Lora hashes': {h['addnet_short']})")
+    for note in info["notes"]:
+        lines.append(f"  note        {note}")
     if info["unmatched"]:
         lines.append(f"  NOT PLACED  {len(info['unmatched'])} keys: {', '.join(info['unmatched'][:10])}")
     if info["shape_misfits"]:

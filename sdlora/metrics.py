@@ -109,6 +109,26 @@ def classify_shape(image) -> str | None:
     return "triangle" if fill < 0.64 else "circle" if fill < 0.885 else "square"
 
 
+def classify_background(image) -> str:
+    """The named colour (COLOURS or NEUTRALS) nearest to the picture's border colour."""
+    bg = background_rgb(to_array(image))
+    return _NAMES[int(np.argmin(((_RGB - bg) ** 2).sum(-1)))]
+
+
+def background_noise(image) -> float:
+    """RGB standard deviation (0-255 units, mean over channels) of the pixels away from the shape:
+    0 for a flat background, high for texture or noise. The shape's blob is grown by 2 px first,
+    so its anti-aliased rim does not count as background."""
+    img = to_array(image)
+    h, w = img.shape[:2]
+    padded = np.pad(foreground(img), 2)
+    grown = np.zeros((h, w), bool)
+    for dy in range(5):                    # a 5x5 square dilation
+        for dx in range(5):
+            grown |= padded[dy:dy + h, dx:dx + w]
+    return float(img[~grown].std(axis=0).mean())
+
+
 # ---------------------------------------------------------------------------------------------
 # style
 

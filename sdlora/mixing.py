@@ -86,8 +86,13 @@ def _read_lora(path, family, configs):
     return read_lora(path, family=family, configs=configs)
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    # a sparse tensor (LyCORIS sparse residual) has no .nbytes: count what it stores
+    return t.indices().nbytes + t.values().nbytes if t.is_sparse else t.nbytes
+
+
 def _lora_nbytes(lora) -> int:
-    return sum(t.nbytes for ad in lora.patches.values() for t in getattr(ad, "tensors", {}).values()
+    return sum(_nbytes(t) for ad in lora.patches.values() for t in getattr(ad, "tensors", {}).values()
                if isinstance(t, torch.Tensor))
 
 

@@ -41,12 +41,26 @@ def test_layering_defaults_preset_file_flags(tmp_path):
     path.write_text("rank = 12\nunet_lr = 3e-4\n[network]\nalpha = 6.0\n")
     args = _parse(["--unet-lr", "5e-4", "--no-buckets", "--unet-targets", "attn", "proj"])
     cfg = C.build_config(preset="tiny CPU demo", config_file=path, overrides=C.overrides_from_args(args))
-    assert cfg.resolution == 64                    # preset
+    assert cfg.batch_size == 8 and cfg.steps == 300  # preset
     assert cfg.rank == 12 and cfg.alpha == 6.0     # file over preset
     assert cfg.unet_lr == 5e-4                     # flag over file
     assert cfg.buckets is False and cfg.unet_targets == ["attn", "proj"]
     assert cfg.seed == C.TrainConfig().seed        # untouched: the default
     assert C.overrides_from_args(_parse([])) == {}  # flags not typed do not override anything
+
+
+def test_the_embedded_base_brings_its_own_defaults(tmp_path):
+    """No preset on the embedded model: tiny-cpu-demo's values (read from its TOML file here) are the
+    defaults, under flags; another base or an explicit preset does not get them; the device is never pinned."""
+    import tomllib
+    tiny = tomllib.loads((C.PRESET_DIR / "tiny-cpu-demo.toml").read_text())
+    cfg = C.build_config(overrides={"steps": 50})
+    assert cfg.steps == 50 and cfg.rank == tiny["rank"] and cfg.unet_lr == tiny["unet_lr"]
+    assert cfg.batch_size == tiny["batch_size"] and cfg.device == C.TrainConfig().device
+    other = C.build_config(overrides={"base": str(tmp_path)})
+    assert other.rank == C.TrainConfig().rank and other.steps == C.TrainConfig().steps
+    assert C.build_config(preset="style-sd15").rank == C.load_preset("style-sd15").get("rank", C.TrainConfig().rank)
+    assert C.TrainConfig().resolution == 0          # the base's native size, decided by the trainer
 
 
 @pytest.mark.parametrize("name", ["style SD1.5", "style SDXL", "tiny CPU demo", "style-sd15"])
@@ -77,3 +91,16 @@ def test_bad_options_are_clear_errors(tmp_path):
         C.build_config(preset="nope")
     with pytest.raises(SdloraError, match="does not exist"):
         C.build_config(config_file=tmp_path / "missing.toml")
+
+
+def test_resume_config_is_the_checkpoints_and_lists_every_contradiction(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stored = C.absolute_paths(C.TrainConfig(data_dir="imgs", output="loras/x.safetensors", steps=6, resolution=32))
+    # repeated options are fine, relative paths included (they name the same folder)
+    cfg = C.resume_config(stored.to_dict(), {"data_dir": "imgs", "steps": 6, "resume": "ck"}, "ck")
+    assert cfg.replace(resume="") == stored and cfg.resume == "ck" and cfg.data_dir == str(tmp_path / "imgs")
+    with pytest.raises(SdloraError) as e:
+        C.resume_config(stored.to_dict(), {"steps": 8, "rank": 16, "resolution": 64, "data_dir": "other"}, "ck")
+    text = str(e.value)
+    assert "--steps: checkpoint 6, given 8" in text and "--resolution: checkpoint 32, given 64" in text
+    assert f"FOLDER: checkpoint {str(tmp_path / 'imgs')!r}" in text and "--rank" not in text    # 16 is the default

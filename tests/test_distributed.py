@@ -44,4 +44,6 @@ def test_two_processes_share_the_work_and_agree(tmp_path):
     sd = load_file(out)
     for path, (down, up) in r0["lora"].items():
         assert torch.equal(sd[kohya_name(path, "sd1") + ".lora_down.weight"], down)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora-checkpoints", "lora.safetensors"]
+    # the LoRA and its preview in OUT; checkpoints in the run's checkpoint folder (trainkit.tiny_cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lora.preview.png", "lora.safetensors"]
+    assert (tmp_path / "checkpoints" / "lora").is_dir()

@@ -62,12 +62,15 @@ def test_lora_arg(tmp_path):
 
 def test_lora_lookup(tmp_path):
     a = _lora_file(tmp_path / "sub" / "Neon.safetensors")
-    b = _lora_file(tmp_path / "toon.pt")
+    b = _lora_file(tmp_path / "toon.safetensors")
+    _lora_file(tmp_path / "legacy.pt")                  # a folder lists .safetensors only (--lora PATH reads .pt)
     assert find_lora("Neon", tmp_path) == a
     assert find_lora("neon", tmp_path) == a           # case-insensitive when unambiguous
     assert resolve([LoraRef("toon", 0.5, 0.5)], tmp_path) == [LoraRef("toon", 0.5, 0.5, b)]
     with pytest.raises(FileNotFoundError, match="Did you mean: Neon"):
         find_lora("Neonn", tmp_path)
+    with pytest.raises(FileNotFoundError):
+        find_lora("legacy", tmp_path)
     _lora_file(tmp_path / "other" / "Neon.safetensors")
     with pytest.raises(SdloraError, match="several files"):
         find_lora("Neon", tmp_path)

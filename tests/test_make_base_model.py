@@ -19,7 +19,7 @@ def test_two_stages_quick(tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "tiny-sd"
     threads = torch.get_num_threads()
     try:                                           # the script sets torch's thread count (--threads)
-        assert M.main(["--out", str(stage1), "--quick", "--eval-every", "0"]) == 0
+        assert M.main(["--out", str(stage1), "--quick", "--eval-every", "0", "--decoder-steps", "2"]) == 0
         assert M.main(["--out", str(stage2), "--quick", "--eval-every", "0", "--init-unet", str(stage1),
                        "--unet-lr", "3e-4"]) == 0
     finally:
@@ -35,8 +35,23 @@ def test_two_stages_quick(tmp_path):
     u1, u2 = _weights(stage1, "unet"), _weights(stage2, "unet")
     assert u1.keys() == u2.keys() and any(not torch.equal(u1[k], u2[k]) for k in u1)   # trained on
     assert all(t.dtype == torch.float16 for t in u2.values())
+    assert all(t.dtype == torch.float32 for t in _weights(stage2, "text_encoder").values())  # see M.save
     assert json.loads((stage2 / "vae" / "config.json").read_text())["scaling_factor"] == \
         json.loads((stage1 / "vae" / "config.json").read_text())["scaling_factor"]
     out = base.pipe("a red circle", num_inference_steps=2, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and out.std() > 0
+
+
+def test_plain_diffusers_loads_the_shipped_model_with_one_dtype():
+    """`StableDiffusionPipeline.from_pretrained(path)` with no dtype argument: diffusers upcasts
+    fp16-stored models to fp32, transformers 5 keeps the stored dtype, so every component must end up
+    in the same dtype or the first call fails ("mat1 and mat2 must have the same dtype")."""
+    from diffusers import StableDiffusionPipeline
+    from sdlora.pipelines import EMBEDDED_MODEL
+    pipe = StableDiffusionPipeline.from_pretrained(str(EMBEDDED_MODEL), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    out = pipe("a red circle", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and out.std() > 0

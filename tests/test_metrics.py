@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdlora.metrics import StyleMetric, classify_colour, classify_shape, load_images
+from sdlora.metrics import (StyleMetric, background_noise, classify_background, classify_colour, classify_shape,
+                            load_images)
 from sdlora.training import make_styles
 from sdlora.training import scenes as S
 
@@ -18,6 +19,21 @@ def test_classifiers_on_scenes():
     for img, spec in zip(list(images) + list(held), specs + held_specs):
         assert classify_colour(img) == spec.colour, spec
         assert classify_shape(img) == spec.shape, spec
+        assert classify_background(img) == spec.background, spec
+        assert background_noise(img) < 1.0, spec             # the scenes' backgrounds are flat
+
+
+def test_background_noise_is_the_std_of_the_background():
+    rng = np.random.default_rng(0)
+    img = np.full((64, 64, 3), 128.0)
+    img[20:40, 20:40] = (215, 35, 35)                      # a red square, excluded from the background
+    noise = rng.normal(0, 10, (64, 64, 3))
+    noisy = np.clip(img + noise, 0, 255).round().astype(np.uint8)   # images are 8-bit
+    outside = np.ones((64, 64), bool)
+    outside[18:42, 18:42] = False                          # the square grown by 2 px
+    want = noisy[outside].astype(np.float64).std(axis=0).mean()
+    assert background_noise(noisy) == pytest.approx(want, rel=1e-5)
+    assert 8 < want < 12 and background_noise(img.astype(np.uint8)) == 0.0
 
 
 def test_classifiers_on_blank_image():

@@ -14,18 +14,14 @@ def _components(pipe):
     return {c: getattr(pipe, c) for c in ("unet",) + TE_COMPS if getattr(pipe, c, None) is not None}
 
 
-def _train_a_little(net, pipe, inputs, steps=3):
-    """A few AdamW steps so that every up matrix is non-zero (they start at zero)."""
-    sample, t, ctx, kw, ids = inputs
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = pipe.unet(sample, t, ctx, **kw).sample.square().mean()
-        for te in TE_COMPS:
-            if getattr(pipe, te, None) is not None:
-                loss = loss + getattr(pipe, te)(ids).last_hidden_state.square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+def _randomize_up(net, seed=0):
+    """Give every up matrix random values (they start at zero). Training a few steps does not do
+    this reliably: self-attention over a single token (the tiny UNet's mid block) has exactly zero
+    gradient for q and k, so those ups stay zero and only rounding noise could make them move."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in net.items():
+            layer.lora_up.copy_(0.1 * torch.randn(layer.lora_up.shape, generator=gen))
     assert all(layer.lora_up.abs().sum() > 0 for _, layer in net.items())
 
 
@@ -42,7 +38,7 @@ def test_diffusers_load_lora_weights_matches_live_network(tmp_path, family, fmt,
     pipe = tiny_pipeline(family)
     inputs = _inputs(pipe)
     net = LoRANetwork.inject(_components(pipe), spec)
-    _train_a_little(net, pipe, inputs)
+    _randomize_up(net)
     net.eval()
     live = _outputs(pipe, inputs)
     path = tmp_path / "lora.safetensors"

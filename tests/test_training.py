@@ -2,6 +2,9 @@
 import copy
 import hashlib
 import json
+import os
+import shlex
+import stat
 import warnings
 from pathlib import Path
 
@@ -83,6 +86,102 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     _equal_files(full.output, resumed.output)
 
 
+def test_ctrl_c_prints_one_resume_command_that_finishes_the_run(tmp_path, capsys, monkeypatch):
+    from sdlora.cli import main
+    from sdlora.training import cli as train_cli
+    from tinypipe import save_tiny_pipeline
+    monkeypatch.chdir(tmp_path)
+    save_tiny_pipeline(tmp_path / "base", "sd1")
+    make_folder(tmp_path / "imgs", n=4)
+    # the run's own options (a 32 px run: the default 512 px would reject these images)
+    opts = ["--base", "base", "--resolution", "32", "--steps", "6", "--batch-size", "2", "--rank", "4",
+            "--unet-lr", "1e-2", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--trigger", "zzt",
+            "--seed", "0", "--device", "cpu", "--save-precision", "fp32", "--sample-steps", "2"]
+    assert main(["train", "imgs", "--out", "loras/full.safetensors", *opts]) == 0
+    orig = train_cli.CliProgress.on_progress
+
+    def ctrl_c(self, p):
+        orig(self, p)
+        if p.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli.CliProgress, "on_progress", ctrl_c)
+    capsys.readouterr()
+    assert main(["train", "imgs", "--out", "loras/cut.safetensors", *opts]) == 130
+    text = capsys.readouterr()
+    monkeypatch.setattr(train_cli.CliProgress, "on_progress", orig)
+    assert (text.out + text.err).count("--resume") == 1                 # one command, printed once
+    command = text.out.split("continue with: ", 1)[1].splitlines()[0]
+    argv = shlex.split(command)
+    assert argv[:3] == ["sdlora", "train", "--resume"] and len(argv) == 4
+    assert Path(argv[3]).name == "step-000003" and Path(argv[3]).is_relative_to(tmp_path / "checkpoints" / "cut")
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")           # the stored config has absolute paths
+    # options that contradict the checkpoint are refused, each listed; equal ones are fine
+    assert main(argv[1:] + ["--steps", "8", "--rank", "4", "--resolution", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps: checkpoint 6, given 8" in err and "--resolution: checkpoint 32, given 64" in err
+    assert "--rank" not in err
+    assert main(argv[1:]) == 0                           # the printed command, as printed
+    text = capsys.readouterr().out
+    assert "at step 3" in text and "LoRA written" in text
+    full, cut = load_file(tmp_path / "loras" / "full.safetensors"), load_file(tmp_path / "loras" / "cut.safetensors")
+    assert full.keys() == cut.keys()
+    for k in full:
+        torch.testing.assert_close(cut[k], full[k], rtol=1e-4, atol=1e-6, msg=k)
+    with safe_open(tmp_path / "loras" / "cut.safetensors", "pt") as f:
+        assert f.metadata()["ss_steps"] == "6" and f.metadata()["ss_output_name"] == "cut"
+
+
+def test_checkpoints_leave_the_lora_folder_alone_get_normal_modes_and_leftovers_are_tidied(tmp_path, monkeypatch):
+    from sdlora.training.checkpoint import list_checkpoints
+    monkeypatch.chdir(tmp_path)
+    old_umask = os.umask(0o022)
+    try:
+        class CtrlC(TrainingCallbacks):
+            def on_progress(self, p):
+                if p.step == 2:
+                    raise KeyboardInterrupt
+
+        cfg = tiny_cfg(tmp_path, "neon", steps=3, save_every=1, checkpoint_dir="",
+                       output=str(tmp_path / "loras" / "neon.safetensors"))
+        cut = train(cfg, callbacks=CtrlC(), base=tiny_pipeline("sd1"))
+        root = tmp_path / "checkpoints" / "neon"                  # the default: ./checkpoints/NAME
+        assert cut.checkpoint == root / "step-000002"
+        assert [p.name for p in list_checkpoints(root)] == ["step-000001", "step-000002"]
+        assert not (tmp_path / "loras").exists() or list((tmp_path / "loras").iterdir()) == []
+        for p in [root, *root.rglob("*")]:
+            assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
+        state = json.loads((root / "step-000002" / "state.json").read_text())
+        assert state["config"]["checkpoint_dir"] == str(root) and state["config"]["output"] == cfg.output
+        assert [s for s, _, _ in state["losses"]] == [1, 2]
+
+        # what killed writes leave: a half-written folder, and a swap that died after moving the
+        # last good checkpoint aside (it must come back, not be deleted)
+        half = root / ".step-000003.123-abcdef01"
+        half.mkdir()
+        (half / "optimizer.pt").write_bytes(b"partial")
+        (root / ".step-000002.old.xyz").mkdir()
+        os.rename(root / "step-000002", root / ".step-000002.old.xyz" / "old")
+        seen = {}
+
+        class Resumed(TrainingCallbacks):
+            def on_resume(self, step, losses):
+                seen.update(step=step, losses=losses)
+
+        res = train(cfg.replace(resume=str(root)), callbacks=Resumed(), base=tiny_pipeline("sd1"))
+        assert res.status == "done" and seen["step"] == 2 and [s for s, _, _ in seen["losses"]] == [1, 2]
+        assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002", "step-000003"]
+        loras = tmp_path / "loras"
+        assert sorted(p.name for p in loras.iterdir()) == ["neon.preview.png", "neon.safetensors"]
+        assert stat.S_IMODE((loras / "neon.preview.png").stat().st_mode) == 0o644
+        from PIL import Image
+        assert Image.open(loras / "neon.preview.png").size == (32, 32)
+    finally:
+        os.umask(old_umask)
+
+
 def test_control_stop_save_and_sample_then_resume(tmp_path):
     control = TrainingControl()
     events = []
@@ -107,7 +206,7 @@ def test_control_stop_save_and_sample_then_resume(tmp_path):
     assert res.status == "stopped" and res.step == 2
     assert ("sample", 1, (32, 32), [True]) in events
     assert events[:2] == ["scanning", "loading"] and events[-1] == "stopped" and "checkpoint" in events
-    ckpts = sorted(p.name for p in (tmp_path / "out" / "ctl-checkpoints").glob("step-*"))
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints" / "ctl").glob("step-*"))
     assert ckpts == ["step-000001", "step-000002"]
     with safe_open(res.output, "pt") as f:
         assert f.metadata()["ss_steps"] == "2" and f.metadata()["ss_max_train_steps"] == "6"
@@ -131,7 +230,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     t.prepare()
     with pytest.raises(TrainingError, match=r"loss became nan at step 3.*last good checkpoint is .*step-000002"):
         t.run()
-    root = tmp_path / "out" / "lora-checkpoints"
+    root = tmp_path / "checkpoints" / "lora"
     assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]
     good = load_file(root / "step-000002" / "lora-step000002.safetensors")
     assert all(torch.isfinite(v).all() for v in good.values())
@@ -157,8 +256,9 @@ def test_fp16_vae_nan_latents_are_detected_and_upcast():
     torch.testing.assert_close(got, ref)
 
 
-def test_cli_end_to_end_plan_metadata_and_hashes(tmp_path, capsys):
+def test_cli_end_to_end_plan_metadata_and_hashes(tmp_path, capsys, monkeypatch):
     from sdlora.cli import main
+    monkeypatch.chdir(tmp_path)        # checkpoints default to ./checkpoints/NAME
     from tinypipe import save_tiny_pipeline
     save_tiny_pipeline(tmp_path / "base", "sd1")
     data = make_folder(tmp_path / "imgs" / "3_zzt style", n=3)
@@ -174,7 +274,9 @@ def test_cli_end_to_end_plan_metadata_and_hashes(tmp_path, capsys):
     assert "captions: 2 from files, 1 from trigger/class word" in text.out
     assert "buckets: 32x32: 3" in text.out and "total: 3 optimizer steps = 1 epoch(s)" in text.out
     assert f"try it: sdlora generate zzt --base {tmp_path / 'base'} --lora {out}:1" in text.out
-    assert (tmp_path / "out" / "style-checkpoints" / "samples" / "step-000003-00.png").exists()
+    assert (tmp_path / "checkpoints" / "style" / "samples" / "step-000003-00.png").exists()
+    # the LoRA folder holds the LoRA and its card image, nothing else (checkpoints live elsewhere)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["style.preview.png", "style.safetensors"]
     with safe_open(out, "pt") as f:
         md = f.metadata()
         assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
@@ -248,10 +350,12 @@ def test_loss_targets_and_min_snr_against_formulas():
 # --- bad input: one clear error, nothing written ---------------------------------------------------
 
 def test_wrong_family_is_refused_before_writing(tmp_path):
-    cfg = tiny_cfg(tmp_path, family="sdxl")
+    (tmp_path / "kept").mkdir()
+    cfg = tiny_cfg(tmp_path, family="sdxl", output=str(tmp_path / "kept" / "new" / "sub" / "x.safetensors"))
     with pytest.raises(FamilyMismatchError, match=r"SD1.x \(sd1\).*expects SDXL \(sdxl\)"):
         train(cfg, base=tiny_pipeline("sd1"))
-    assert list((tmp_path / "out").iterdir()) == []
+    # the folders the run created for its output are gone again; the one that was there stays
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
 
 
 def test_unwritable_output_fails_first(tmp_path):
@@ -303,3 +407,15 @@ def test_bf16_weights_gradient_checkpointing_and_webp(tmp_path):
     assert res.status == "done" and res.loss == res.loss                # finite, not NaN
     assert all(torch.isfinite(v).all() and v.abs().sum() > 0 for k, v in load_file(res.output).items()
                if "lora_down" in k)
+
+
+def test_resolution_zero_is_the_base_models_native_size(tmp_path):
+    data = make_folder(tmp_path / "data", n=2)
+    pipe = tiny_pipeline("sd1")
+    native = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)   # the formula
+    trainer = Trainer(tiny_cfg(tmp_path, steps=1, resolution=0, buckets=False), base=pipe)
+    plan = trainer.prepare()
+    assert trainer.resolution == native and trainer.cfg.resolution == native
+    assert plan.resolution == f"{native} px (the base model's native size)"
+    assert f"resolution: {native} px (the base model's native size)" in plan.describe()
+    assert set(plan.buckets) == {(native, native)}

@@ -1,6 +1,7 @@
 """UI handlers without a browser: path confinement, upload checks, prompt tags, reuse parameters,
 the device lock and jobs, generation/mix/library/train handlers on the tiny base model."""
 import os
+from pathlib import Path
 import threading
 import time
 
@@ -386,6 +387,32 @@ def test_library_cards_and_prompt_tags(ctx):
     assert cards_html(ctx).count("data:image/jpeg;base64,") == 2
 
 
+def test_lora_folder_lists_only_loras(tmp_path):
+    """Checkpoint folders (old ones were written beside the LoRA), optimizer/state files and other
+    extensions are no LoRAs: not in the pickers, not as cards, not found by <lora:NAME>."""
+    from sdlora.extra_networks import find_lora
+    from sdlora.ui.catalog import Catalog
+    from uikit import tiny_configs
+    configs = tiny_configs("sd1")
+    loras = tmp_path / "loras"
+    write_lora(loras / "neon.safetensors", "sd1", configs, seed=1)
+    step = loras / "neon-checkpoints" / "step-000300"
+    write_lora(step / "neon-step000300.safetensors", "sd1", configs, seed=1)
+    for f in ("optimizer.pt", "training_state.pt", "state.json"):
+        (step / f).write_text("{}")
+    other = loras / "runs" / "step-000001"                    # a checkpoint folder under any name
+    write_lora(other / "x-step000001.safetensors", "sd1", configs, seed=1)
+    (other / "state.json").write_text("{}")
+    (loras / "notes.pt").write_bytes(b"not a LoRA")
+    catalog = Catalog(loras)
+    assert [p.name for p, _ in catalog.files()] == ["neon.safetensors"]
+    assert [e.name for e in catalog.entries()] == ["neon"] and catalog.entries()[0].error is None
+    assert find_lora("neon", loras) == loras / "neon.safetensors"
+    for name in ("neon-step000300", "optimizer", "training_state", "x-step000001", "notes"):
+        with pytest.raises(FileNotFoundError):
+            find_lora(name, loras)
+
+
 def test_mix_save_exact_and_svd(ctx):
     from sdlora.families import kohya_name
     from sdlora.ui.mix_tab import save_mixed
@@ -461,7 +488,8 @@ def test_training_job_shared_state_stop_resume(ctx):
     """A training runs in the background; generation runs between its steps; every page (session)
     sees the same job; stop saves a checkpoint and the LoRA; resume continues to the end."""
     from sdlora.ui.generate_tab import run_generation
-    from sdlora.ui.train_tab import start_training, stop_training, view
+    from sdlora.ui.library_tab import card_html, cards_html
+    from sdlora.ui.train_tab import form_values, start_training, stop_training, view
     values = {"steps": 1000, "batch_size": 2, "lr_warmup_steps": 0, "trigger": "neonstyle"}
     job = start_training(ctx, name="bg", source="folder", folder=os.path.join(STYLES, "neon"), values=values,
                          preset="tiny-cpu-demo")
@@ -484,13 +512,27 @@ def test_training_job_shared_state_stop_resume(ctx):
     job2 = start_training(ctx, name="bg", source="folder", folder=os.path.join(STYLES, "neon"),
                           values={**values, "steps": stopped_at + 2}, preset="tiny-cpu-demo", resume=True)
     assert ctx.jobs.wait(job2, 120) and job2.status == "done", job2.snapshot()
-    assert job2.losses[0][0] == stopped_at + 1 and job2.step == stopped_at + 2
+    assert job2.resumed_from == stopped_at and job2.step == stopped_at + 2
+    assert [s for s, _, _ in job2.losses] == list(range(1, job2.step + 1))   # the whole run, from the checkpoint
     assert any("warning: resuming with other settings (total steps)" in line for line in job2.log)  # shown in the page
     done = view(ctx, None)
     assert 'data-status="done"' in done[0] and "bg.safetensors" in done[0]
-    assert len(done[1]) == 2 * (job2.step - stopped_at) and len(done[2]) == 0     # loss + smoothed per step; no samples asked
+    assert len(done[1]) == 2 * job2.step and len(done[2]) == 0     # loss + smoothed per step; no samples asked
+    assert set(done[1]["series"]) == {"loss per step", "smoothed loss (EMA 0.9)"}      # the legend says which is which
+    # the LoRA's card image: the end of training wrote NAME.preview.png (no samples: one was rendered)
+    assert (ctx.loras_dir / "bg.preview.png").is_file() and ctx.catalog.get("bg").preview.name == "bg.preview.png"
+    assert 'data-lora="bg"' in cards_html(ctx) and "no preview" not in card_html(
+        ctx.catalog.get("bg"), ctx.family, ctx.catalog.thumbnail(ctx.catalog.get("bg").preview))
+    # a reloaded page refills the form from the job (name, folder, options), so Resume works as is
+    vals = form_values(ctx, job2.snapshot())
+    assert (vals["name"], vals["source"]) == ("bg", "folder") and Path(vals["folder"]) == Path(STYLES, "neon").resolve()
+    assert vals["steps"] == stopped_at + 2 and vals["trigger"] == "neonstyle" and vals["class_data_dir"] == ""
+    assert form_values(ctx, None) is None
     skip = type(__import__("gradio").skip())
     assert all(isinstance(x, skip) for x in view(ctx, done[-1])[:-1])  # unchanged job: the poll sends nothing
+    job3 = start_training(ctx, name="", source="folder", folder=vals["folder"], values={**values, "steps": vals["steps"]},
+                          preset="tiny-cpu-demo", resume=True)          # an empty name: the last run's
+    assert job3.title == "bg" and ctx.jobs.wait(job3, 120) and job3.status == "done", job3.snapshot()
 
 
 def test_app_arguments():

@@ -248,11 +248,21 @@ def test_train_from_an_upload(page, app):
     assert page.locator('#train-progress [data-status="done"]').count() == 1, page.inner_text("#train-progress")
     assert "step 4/4" in page.inner_text("#train-progress")
     images_loaded(page, "#train-samples", 2)
-    page.wait_for_function("document.querySelector('#train-loss').innerText.includes('smoothed')")  # legend: data drawn
+    page.wait_for_function("document.querySelector('#train-loss').innerText.includes('smoothed loss')")  # legend: data drawn
+    log_at_end = ("(() => { const t = document.querySelector('#train-log textarea');"
+                  " return t.scrollHeight > t.clientHeight && t.scrollTop + t.clientHeight >= t.scrollHeight - 2; })()")
+    page.wait_for_function(log_at_end, timeout=10_000)                         # the newest log line is in view
     out = ctx.loras_dir / "uitrained.safetensors"
     assert read_lora(out, family=ctx.family, configs=ctx.component_configs()).family == ctx.family
     assert len(list((ctx.outputs_dir / "train-data").glob("uitrained*/*"))) == 8
     shot(page, "train")
+    page.reload()                              # a reopened page shows the job with the form it was started with
+    page.wait_for_selector("#gen-prompt textarea")
+    tab(page, "Train")
+    page.wait_for_function("document.querySelector('#train-name input, #train-name textarea').value === 'uitrained'")
+    assert page.input_value("#train-trigger input, #train-trigger textarea") == "neonstyle"
+    assert page.input_value("#train-steps input[type=number]") == "4"
+    assert page.is_checked("#train-source input[value=upload]")
     tab(page, "Generate")                      # the new LoRA is offered without a restart
     deadline = time.time() + 30
     while "uitrained" not in (offered := options(page, "#gen-loras", "uitr", expect="uitrained")) \
@@ -271,6 +281,10 @@ def test_mix_preview_grid_and_save(page, app):
     set_number(page, "#mix-steps", 3)
     page.click("#mix-preview")
     assert "preview with seed 1" in status(page, "#mix-status")
+    images_loaded(page, "#mix-image")          # the 64 px preview is scaled to the panel, as Generate does
+    size = page.evaluate("(() => { const i = document.querySelector('#mix-image img');"
+                         " return [i.naturalWidth, i.getBoundingClientRect().width, i.getBoundingClientRect().height]; })()")
+    assert size[0] == 64 and max(size[1], size[2]) >= 4 * size[0], size
     assert "<lora:style2:-0.5>" in page.input_value("#mix-infotext textarea")
     page.click("#mix-grid")
     page.wait_for_function("document.querySelector('#mix-status').innerText.includes('XY grid of 6')")

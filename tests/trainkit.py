@@ -32,6 +32,7 @@ def tiny_cfg(tmp_path, name="lora", **kw) -> TrainConfig:
         make_folder(data)
     base = dict(data_dir=str(data), output=str(Path(tmp_path) / "out" / f"{name}.safetensors"), resolution=32,
                 steps=4, batch_size=2, rank=4, alpha=2.0, unet_lr=1e-2, text_encoder_lr=1e-2, seed=0,
-                save_precision="fp32", device="cpu", sample_steps=2)
+                save_precision="fp32", device="cpu", sample_steps=2,
+                checkpoint_dir=str(Path(tmp_path) / "checkpoints" / name))
     base.update(kw)
     return TrainConfig(**base)

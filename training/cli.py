@@ -1,4 +1,5 @@
 """`sdlora train FOLDER --out style.safetensors [--base SPEC] [--trigger WORD] [--config FILE.toml]`
+   `sdlora train --resume CHECKPOINT`   (continues that run with the options stored in the checkpoint)
 
 Every option of `training.config.TrainConfig` is also a flag (`--unet-lr 2e-4`) and a TOML key
 (`unet_lr = 2e-4`). Prints the plan, shows a progress bar, and ends with the file and a command to
@@ -13,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from sdlora.training.config import add_arguments as add_config_arguments
-from sdlora.training.config import build_config, overrides_from_args, presets
+from sdlora.training.config import build_config, given_values, overrides_from_args, presets, resume_config
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str = "train") -> None:
@@ -77,12 +78,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def _print_base_defaults(cfg, given: dict) -> None:
+    """Say which settings the base model chose (see config.base_defaults), so no default is hidden."""
+    from sdlora.training.config import base_defaults
+    name, values = base_defaults(cfg.base)
+    chosen = [f"{k}={getattr(cfg, k)}" for k in values if k not in given]
+    if chosen:
+        print(f"settings from the base model (preset {name}; a flag or --preset overrides them): "
+              + ", ".join(chosen), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from sdlora.errors import SdloraError
     overrides = overrides_from_args(args)
     if args.folder:
         overrides["data_dir"] = args.folder
-    cfg = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    if overrides.get("resume"):
+        from sdlora.training.checkpoint import stored_config
+        given = given_values(preset=args.preset, config_file=args.config, overrides=overrides)
+        cfg = resume_config(stored_config(overrides["resume"]), given, overrides["resume"])
+    else:
+        cfg = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+        if not args.preset:
+            _print_base_defaults(cfg, given_values(config_file=args.config, overrides=overrides))
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
@@ -102,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
     if not trainer.main:
         return 0
     if result.status == "interrupted":
+        # the checkpoint holds the run's whole config: this one command continues it from anywhere
         print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint: {result.checkpoint}\n"
-              f"continue with: sdlora train {shlex.quote(cfg.data_dir)} --out {shlex.quote(cfg.output)} "
-              f"--resume {shlex.quote(str(result.checkpoint))}" + (f" --config {shlex.quote(args.config)}" if args.config else ""))
+              f"continue with: sdlora train --resume {shlex.quote(str(Path(result.checkpoint).resolve()))}")
         return 130
     out = Path(result.output).resolve()
     prompt = trainer.sample_prompts()[0]

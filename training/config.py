@@ -3,7 +3,7 @@
 The CLI flags (`add_arguments`), the TOML keys (`load_toml`, `TrainConfig.to_toml`), the presets in
 `training/presets/` and the UI form (`form_fields`) are all derived from the `TrainConfig`
 dataclass below, so they cannot drift apart. Layering, lowest first:
-    defaults  <  --preset NAME  <  --config FILE.toml  <  flags given on the command line.
+    defaults  <  the base's defaults (no preset)  <  --preset NAME  <  --config FILE.toml  <  flags.
 
 Defaults follow the field's usual style-LoRA settings; each help text names where a default comes
 from when it is not obvious (kohya = kohya-ss/sd-scripts train_network.py, diffusers =
@@ -51,8 +51,9 @@ class TrainConfig:
     caption_extensions: list = opt([".txt", ".caption"], "sidecar caption file extensions, first found wins "
                                    "(kohya reads .caption by default, most taggers write .txt: both)", "data")
     repeats: int = opt(1, "repeats for images in folders without an `N_` prefix (kohya num_repeats)", "data", low=1)
-    resolution: int = opt(512, "training resolution: buckets keep about resolution² pixels (SD1.5: 512, "
-                               "SDXL: 1024)", "data", low=16)
+    resolution: int = opt(0, "training resolution: buckets keep about resolution² pixels (0: the base "
+                             "model's native size, its UNet sample size x VAE scale: 64 for the embedded "
+                             "model, 512 SD1.x, 768 SD2 v-models, 1024 SDXL)", "data", low=0)
     buckets: bool = opt(True, "aspect-ratio buckets (kohya --enable_bucket); off: every image is cropped "
                               "square", "data")
     bucket_step: int = opt(64, "bucket sides are multiples of this (kohya bucket_reso_steps=64); raised to "
@@ -152,9 +153,12 @@ class TrainConfig:
                               "output", choices=["fp32", "fp16", "bf16"])
     save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)", "output", low=0)
     keep_checkpoints: int = opt(0, "keep only the newest N step checkpoints (0: keep all)", "output", low=0)
-    checkpoint_dir: str = opt("", "where checkpoints go (default: <output>-checkpoints)", "output")
-    resume: str = opt("", "continue from a checkpoint folder (same config: the result equals an "
-                          "uninterrupted run)", "output")
+    checkpoint_dir: str = opt("", "where checkpoints and sample images go (default: checkpoints/<name>/ in "
+                                  "the current folder, never the LoRA folder)", "output")
+    resume: str = opt("", "continue from a checkpoint folder with the options stored in it (`sdlora train "
+                          "--resume DIR` alone; the result equals an uninterrupted run)", "output")
+    preview: bool = opt(True, "write <name>.preview.png beside the LoRA (A1111's card image): the last sample, "
+                              "or one image rendered at the end", "output")
     comment: str = opt("", "free text stored as ss_training_comment", "output")
     # --- samples ---
     sample_every: int = opt(0, "generate sample images every N steps (0: off)", "samples", low=0)
@@ -314,15 +318,68 @@ def load_preset(name: str) -> dict:
     return load_toml(table[key])
 
 
-def build_config(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> TrainConfig:
-    """defaults < preset < config file < overrides (e.g. the flags given on the command line)."""
+def given_values(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> dict:
+    """The options set by a preset < config file < overrides (no defaults)."""
     values = {}
     if preset:
         values.update(load_preset(preset))
     if config_file:
         values.update(load_toml(config_file))
     values.update(_check_keys(overrides or {}, "options"))
+    return values
+
+
+# Base models whose good training settings are far from the SD1.5-sized defaults bring their own: the
+# embedded 64 px model learns a style in a few CPU minutes with tiny-cpu-demo, while the defaults
+# (rank 16, lr 1e-4, 1600 steps) take most of an hour there and barely move it. The device stays
+# the user's choice (auto), so the layer never pins a CUDA user to the CPU.
+BASE_PRESETS = {"embedded": "tiny-cpu-demo"}
+
+
+def base_defaults(base) -> tuple[str, dict]:
+    """(preset name, its values) that a base model brings as defaults, or ("", {})."""
+    from sdlora.pipelines import EMBEDDED_MODEL
+    embedded = not base or Path(base).expanduser().resolve() == EMBEDDED_MODEL.resolve()
+    name = BASE_PRESETS["embedded"] if embedded else ""
+    values = {k: v for k, v in load_preset(name).items() if k != "device"} if name else {}
+    return name, values
+
+
+def build_config(*, preset: str | None = None, config_file=None, overrides: dict | None = None) -> TrainConfig:
+    """defaults < the base model's defaults (when no preset is chosen) < preset < config file <
+    overrides (e.g. the flags given on the command line)."""
+    values = given_values(preset=preset, config_file=config_file, overrides=overrides)
+    if not preset:
+        values = {**base_defaults(values.get("base"))[1], **values}
     return TrainConfig(**values).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming: the checkpoint's config is the run's config
+
+PATH_KEYS = ("data_dir", "output", "base", "checkpoint_dir", "class_data_dir", "cache_dir")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its paths absolute, so a checkpoint's copy works from any folder (a base
+    that is no existing path, e.g. a hub id, stays as it is)."""
+    changes = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in PATH_KEYS
+               if getattr(cfg, k) and (k != "base" or Path(getattr(cfg, k)).expanduser().exists())}
+    return cfg.replace(**changes)
+
+
+def resume_config(stored: dict, given: dict, resume: str) -> TrainConfig:
+    """The run stored in a checkpoint, continued from `resume`. Options in `given` (preset, config
+    file, flags) may repeat the stored ones; any that differ are an error listing them all."""
+    names = {f.name for f in fields()}
+    old = absolute_paths(TrainConfig(**{k: v for k, v in stored.items() if k in names}).validate())
+    new = absolute_paths(old.replace(**given).validate())
+    diffs = [f"  {flag(k) if k != 'data_dir' else 'FOLDER'}: checkpoint {getattr(old, k)!r}, given {getattr(new, k)!r}"
+             for k in given if k != "resume" and getattr(old, k) != getattr(new, k)]
+    if diffs:
+        raise SdloraError(f"--resume {resume}: options differ from the run stored in the checkpoint "
+                          "(leave them out to continue that run, or start a new one):\n" + "\n".join(diffs))
+    return old.replace(resume=str(resume))
 
 
 # ---------------------------------------------------------------------------------------------

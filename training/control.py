@@ -54,6 +54,8 @@ class TrainingCallbacks:
 
     def on_checkpoint(self, step: int, path: Path) -> None: ...
 
+    def on_resume(self, step: int, losses: list) -> None: ...   # the run so far: [(step, loss, smoothed)]
+
     def on_warning(self, message: str) -> None: ...
 
 
@@ -114,6 +116,9 @@ class CallbackList(TrainingCallbacks):
 
     def on_checkpoint(self, step, path):
         self._emit("on_checkpoint", step, path)
+
+    def on_resume(self, step, losses):
+        self._emit("on_resume", step, losses)
 
     def on_warning(self, message):
         self._emit("on_warning", message)

@@ -21,9 +21,9 @@ far worse):
     (8 heads of width 4-12 trained 2x slower per image), epsilon prediction on SD1.5's noise
     schedule, min-SNR(5) loss weighting, noise offset 0.1, 10% caption dropout (for
     classifier-free guidance), EMA weights.
-Weights are stored in fp16 (about 15 MB); each component is rounded to fp16 as soon as it is
-trained, so what later stages learn from is what ships. Seeded: the same command gives the same
-model (up to float reduction order).
+UNet and VAE weights are stored in fp16, the text encoder in fp32 (see save); each component is
+rounded to fp16 as soon as it is trained, so what later stages learn from is what ships. Seeded:
+the same command gives the same model (up to float reduction order).
 """
 from __future__ import annotations
 
@@ -130,6 +130,36 @@ def train_vae(images: np.ndarray, steps: int, *, batch: int, crop: int, full_ste
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+    return round_fp16_(vae.eval().requires_grad_(False))
+
+
+def finetune_decoder(vae, images: np.ndarray, steps: int, *, batch: int, lr: float, gen: torch.Generator):
+    """Fine-tune the decoder on whole images with the encoder frozen (what SD's ft-MSE VAE did): the
+    latent space, and so any UNet trained on it, is unchanged, while the crop-trained decoder learns
+    the image borders and flat areas it renders poorly. Latents are sampled from the posterior, so
+    the decoder also copes with the slightly-off latents a UNet produces."""
+    vae = vae.float().train()
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    data = torch.from_numpy(images)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, 20)
+        x = to_tensor(data[torch.randint(0, len(data), (batch,), generator=gen)].numpy())
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(3)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
     return round_fp16_(vae.eval().requires_grad_(False))
 
 
@@ -246,12 +276,18 @@ def assemble(vae, text_encoder, unet, scaling_factor: float):
 
 
 def save(pipe, out: Path, card: str) -> None:
-    """Write the pipeline folder atomically (a temp folder renamed into place), weights in fp16,
-    tokenizer as the small vocab.json/merges.txt pair it was loaded from."""
+    """Write the pipeline folder atomically (a temp folder renamed into place): UNet and VAE in fp16,
+    the text encoder in fp32, tokenizer as the small vocab.json/merges.txt pair it was loaded from.
+    Why the text encoder is fp32: diffusers loads fp16-stored models as fp32 when no dtype is given,
+    but transformers 5 keeps the stored dtype, so an all-fp16 folder loads with mixed dtypes and
+    plain `StableDiffusionPipeline.from_pretrained(path)` fails on its first call. The values are
+    the fp16-rounded ones either way (round_fp16_)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=out.parent))
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    pipe.to(torch.float16)
+    pipe.text_encoder.to(torch.float32)
+    pipe.save_pretrained(tmp, safe_serialization=True)
     pipe.to(torch.float32)
     shutil.rmtree(tmp / "tokenizer")
     shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
@@ -283,6 +319,8 @@ def main(argv=None) -> int:
                    help="a pipeline folder whose UNet this run continues (a second stage; its architecture wins)")
     p.add_argument("--eval-every", type=int, default=500, help="quick prompt-following check (0: off)")
     p.add_argument("--snapshots", action="store_true", help="also write the pipeline at each eval (OUT-stepN)")
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="then fine-tune the VAE decoder on whole images, encoder frozen (latents unchanged)")
     p.add_argument("--vae-cache", type=Path, default=None,
                    help="load the VAE from this folder if it exists, else save the trained VAE there")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes), not a usable model")
@@ -311,8 +349,11 @@ def main(argv=None) -> int:
     else:
         vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
                         full_steps=a.vae_steps // 10, lr=2e-3, gen=gen_vae)
-        if a.vae_cache:
-            vae.save_pretrained(a.vae_cache)
+    if a.decoder_steps:
+        vae = finetune_decoder(vae, np.concatenate([images[:n_vae_scenes], broad]), a.decoder_steps, batch=32,
+                               lr=5e-4, gen=gen_vae)
+    if a.vae_cache and not vae_cached:
+        vae.save_pretrained(a.vae_cache)
     val_rng = np.random.default_rng(a.seed + 1)
     val_scenes, _ = S.scenes(val_rng, 256)
     errors = {"scenes": vae_mse(vae, val_scenes), "broad": vae_mse(vae, S.broad_images(val_rng, 256))}
@@ -338,7 +379,8 @@ def main(argv=None) -> int:
         if a.snapshots:
             save(pipe, a.out.with_name(f"{a.out.name}-step{step}"), f"# snapshot at UNet step {step}\n")
         r = evaluate(pipe, seeds=2, log=None)
-        log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} (held-out pairs, 2 seeds)")
+        log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} background {r['background']:.2f} "
+            f"flat {r['flat']:.2f} (held-out pairs, 2 seeds)")
 
     init = None
     if a.init_unet:

@@ -29,6 +29,7 @@ class Plan:
     tag_frequency: dict
     captions_by_source: Counter = field(default_factory=Counter)
     truncated_captions: int = 0
+    resolution: str = ""               # e.g. "64 px (the base model's native size)"
 
     @property
     def train_images(self) -> int:
@@ -70,6 +71,8 @@ class Plan:
             lines.append(f"  warning: {self.truncated_captions} caption(s) are longer than 75 tokens and are cut")
         if self.skipped:
             lines.append(f"  skipped: {len(self.skipped)} image(s) (see the warning above)")
+        if self.resolution:
+            lines.append(f"  resolution: {self.resolution}")
         bk = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(self.buckets.items()))
         lines.append(f"  buckets: {bk}")
         lines.append(f"  batch: {self.batch_size} x {self.grad_accum} accumulation x {self.num_processes} "

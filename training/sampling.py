@@ -7,7 +7,7 @@ different steps are comparable.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,14 +42,13 @@ def generate(pipe, prompts: list[str], *, seed: int, steps: int, cfg: float, siz
 
 
 def save_png(image, path: Path) -> None:
-    """Atomic PNG write."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Atomic PNG write, with the normal file mode (mkstemp would make it 0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         image.save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

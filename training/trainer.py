@@ -46,7 +46,7 @@ from sdlora.pipelines import BaseModel
 from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
-from sdlora.training.config import TrainConfig
+from sdlora.training.config import TrainConfig, absolute_paths
 from sdlora.training.control import CallbackList, Progress, TrainingControl
 from sdlora.training.metadata import addnet_hashes, build_metadata
 from sdlora.training.optim import build_optimizer, build_scheduler
@@ -174,11 +174,29 @@ class Trainer:
     # preparation
 
     def prepare(self) -> Plan:
-        cfg = self.cfg
-        self.out = check_output(cfg.output)
+        # folders this run creates for its output are removed again if it fails before writing there
+        parent = Path(self.cfg.output).parent
+        self._created = [p for p in (parent, *parent.parents) if not p.exists()]
+        try:
+            return self._prepare()
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def _remove_created(self) -> None:
+        for d in getattr(self, "_created", []):      # deepest first; stops at the first that is not empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def _prepare(self) -> Plan:
+        self.out = check_output(self.cfg.output)
         self.name = self.out.stem
-        self.ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else self.out.with_name(self.name + "-checkpoints")
-        self.resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
+        # the resolved config (absolute paths, the checkpoint folder named) is what checkpoints store
+        ckpt_dir = self.cfg.checkpoint_dir or str(Path("checkpoints") / self.name)
+        cfg = self.cfg = absolute_paths(self.cfg.replace(checkpoint_dir=ckpt_dir))
+        self.ckpt_dir = Path(cfg.checkpoint_dir)
         cuda = torch.cuda.is_available()
         if cfg.device == "cuda" and not cuda:
             raise SdloraError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
@@ -189,10 +207,14 @@ class Trainer:
             mp = "no"
         self.accel = make_accelerator(mp, cpu)
         self.weight_dtype = DTYPES[mp]
+        if self.main:
+            ckpt.recover(self.ckpt_dir)         # leftovers of a killed checkpoint write
+        self.accel.wait_for_everyone()
+        self.resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
 
         # the folder first: a wrong path should not wait for a model to load
         self._status("scanning", f"reading {cfg.data_dir}")
-        min_size = cfg.min_image_size or cfg.resolution // 4
+        min_size = cfg.min_image_size or cfg.resolution // 4     # resolution 0: known once the base is loaded
         train_scan = ds.scan(cfg.data_dir, trigger=cfg.trigger, class_word=cfg.class_word,
                              caption_extensions=cfg.caption_extensions, repeats=cfg.repeats, min_image_size=min_size)
 
@@ -201,6 +223,14 @@ class Trainer:
         self._place_models()
 
         granularity = self._latent_granularity()
+        native = self._native_resolution()
+        res_note = f"{cfg.resolution or native} px" + ("" if cfg.resolution else " (the base model's native size)")
+        if not cfg.resolution:
+            cfg = self.cfg = cfg.replace(resolution=native)
+            min_size = cfg.min_image_size or native // 4
+            train_scan = ds.scan(cfg.data_dir, trigger=cfg.trigger, class_word=cfg.class_word,
+                                 caption_extensions=cfg.caption_extensions, repeats=cfg.repeats,
+                                 min_image_size=min_size)
         res = max(granularity, cfg.resolution // granularity * granularity)
         step = max(granularity, math.ceil(cfg.bucket_step / granularity) * granularity)
         if step > res:                      # tiny resolutions: finer steps than kohya's 64
@@ -232,6 +262,7 @@ class Trainer:
                                                                 self.accel.num_processes)),
                          tag_frequency=ds.tag_frequency(items), captions_by_source=sources,
                          truncated=count_truncated(self.base.tokenizers[0], captions))
+        plan.resolution = res_note
         self.plan = plan
         if self.main:
             self.cb.on_plan(plan)
@@ -255,6 +286,11 @@ class Trainer:
                                 else self.cfg.prediction_type)
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def _native_resolution(self) -> int:
+        """The size the base was trained at: UNet sample size x VAE downscale (SD1 512, SD2-v 768, SDXL 1024)."""
+        pipe = self.base.pipe
+        return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
     def _latent_granularity(self) -> int:
         """Pixel multiple the model needs: VAE downscale x UNet downsamplings."""
@@ -291,8 +327,10 @@ class Trainer:
             self.prepare()
         try:
             return self._run()
-        except Exception as e:
-            self._status("failed", str(e) if isinstance(e, SdloraError) else f"{type(e).__name__}: {e}")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                self._status("failed", str(e) if isinstance(e, SdloraError) else f"{type(e).__name__}: {e}")
+            self._remove_created()
             raise
         finally:
             if getattr(self, "offloaded", None):
@@ -368,9 +406,9 @@ class Trainer:
         cfg, plan, accel = self.cfg, self.plan, self.accel
         self._setup()
         started = time.time()
+        self.step, self.smoothed, self.losses, self.last_sample = 0, None, [], None
         start_step = self._resume() if self.resume_from else 0
         self.step = start_step
-        self.smoothed = None
         self._status("training", f"{plan.total_steps - start_step} step(s) to go")
         t0 = time.time()
         status = "done"
@@ -391,11 +429,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._status("interrupted", f"Ctrl-C at step {self.step}: saving a checkpoint")
             self._save_checkpoint()
-            self._status("interrupted", f"checkpoint {self.last_checkpoint}; continue with --resume {self.ckpt_dir}")
+            self._status("interrupted", f"checkpoint {self.last_checkpoint}")
             return TrainResult("interrupted", None, self.step, plan.total_steps, self.smoothed, self.last_checkpoint)
         self._save_checkpoint()
         self._status("saving", str(self.out))
         md = self._save_output(started)
+        if cfg.preview:
+            self._save_preview()
         accel.wait_for_everyone()
         self._status(status, f"{self.out} after {self.step} step(s)")
         return TrainResult(status, self.out, self.step, plan.total_steps, self.smoothed, self.last_checkpoint, md)
@@ -488,6 +528,7 @@ class Trainer:
 
     def _report(self, loss: float, t0: float, start_step: int) -> None:
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+        self.losses.append((self.step, loss, self.smoothed))    # the whole run's curve, kept in checkpoints
         if not self.main:
             return
         done = self.step - start_step
@@ -511,20 +552,23 @@ class Trainer:
         default = f"{cfg.trigger} {cfg.class_word}".strip()
         return [default or next(it.caption for it in self.items if not it.is_reg)]
 
-    def _sample(self) -> None:
-        if not self.main:
-            return
+    def _generate(self, prompts: list[str]) -> list:
         cfg = self.cfg
-        self._status("sampling", f"step {self.step}")
         self.network.eval()
         self._offload(False)
         try:
-            images = generate(self.base.pipe, self.sample_prompts(), seed=cfg.sample_seed, steps=cfg.sample_steps,
-                              cfg=cfg.sample_cfg, size=cfg.sample_size or self.resolution,
-                              autocast=self.accel.autocast)
+            return generate(self.base.pipe, prompts, seed=cfg.sample_seed, steps=cfg.sample_steps,
+                            cfg=cfg.sample_cfg, size=cfg.sample_size or self.resolution, autocast=self.accel.autocast)
         finally:
             self._offload(True)
             self.network.train()
+
+    def _sample(self) -> None:
+        if not self.main:
+            return
+        self._status("sampling", f"step {self.step}")
+        images = self._generate(self.sample_prompts())
+        self.last_sample = images[0]
         folder = self.ckpt_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -555,7 +599,7 @@ class Trainer:
         state = {"step": self.step, "micro_batch": m, "epoch": m // self.plan.micro_batches_per_epoch,
                  "batch_in_epoch": m % self.plan.micro_batches_per_epoch, "family": self.family,
                  "num_processes": self.accel.num_processes, "total_steps": self.plan.total_steps,
-                 "config": cfg.to_dict()}
+                 "config": cfg.to_dict(), "losses": self.losses}
         tensors = self.network.state_dict_for(self.family, "kohya", self.base.pipe.unet.config)
         self.last_checkpoint = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, lora_name=f"{self.name}-step{self.step:06d}.safetensors", lora_tensors=tensors,
@@ -593,7 +637,11 @@ class Trainer:
         if data["training"]["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(data["training"]["cuda_rng"])
         self.last_checkpoint = self.resume_from
+        self.losses = [tuple(x) for x in st.get("losses", [])]
+        self.smoothed = self.losses[-1][2] if self.losses else None
         self._status("resumed", f"from {self.resume_from} at step {st['step']}")
+        if self.main:
+            self.cb.on_resume(int(st["step"]), list(self.losses))
         return int(st["step"])
 
     def _save_output(self, started: float) -> dict:
@@ -606,6 +654,13 @@ class Trainer:
         md["sshs_model_hash"], md["sshs_legacy_hash"] = addnet_hashes(tensors, md)
         atomic_save_file(tensors, self.out, md)
         return md
+
+    def _save_preview(self) -> None:
+        """NAME.preview.png beside the LoRA, the card image A1111 and the Library show."""
+        if not self.main:
+            return
+        image = self.last_sample or self._generate(self.sample_prompts()[:1])[0]
+        save_png(image, self.out.with_name(self.name + ".preview.png"))
 
 
 def train(cfg: TrainConfig, *, callbacks=None, control: TrainingControl | None = None, base=None) -> TrainResult:

@@ -58,6 +58,8 @@ def build_app(ctx):
                            show_progress="hidden", concurrency_limit=None)
         # a page opened (or reloaded) while a training runs shows it at once
         demo.load(train["view"], train["seen"], train["outs"], show_progress="hidden")
+        # ... with the form it was started with, so Resume (or a restart) works without retyping
+        demo.load(train["refill"], None, train["form"], show_progress="hidden")
         demo.load(lambda: status_html(""), None, gen["status"], show_progress="hidden")
     return demo
 

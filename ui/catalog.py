@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.extra_networks import LORA_EXTS, LoraRef
+from sdlora.extra_networks import LoraRef, lora_files
 from sdlora.families import get_family
 
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg", ".webp", ".preview.webp")
@@ -88,18 +88,13 @@ class Catalog:
         self._lock = threading.Lock()
 
     def files(self) -> list[tuple[Path, os.stat_result]]:
-        """The LoRA files (recursively, hidden ones skipped) with their stat, sorted by name."""
-        if not self.folder.is_dir():
-            return []
+        """The LoRA files (`extra_networks.lora_files`) with their stat, sorted by name."""
         out = []
-        for root, dirs, names in os.walk(self.folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for n in names:
-                if n.lower().endswith(LORA_EXTS) and not n.startswith("."):
-                    try:
-                        out.append((Path(root) / n, (Path(root) / n).stat()))
-                    except OSError:       # removed meanwhile, or a dangling link
-                        continue
+        for p in lora_files(self.folder) if self.folder.is_dir() else []:
+            try:
+                out.append((p, p.stat()))
+            except OSError:       # removed meanwhile, or a dangling link
+                continue
         return sorted(out, key=lambda ps: (ps[0].stem.lower(), str(ps[0])))
 
     def signature(self) -> tuple:

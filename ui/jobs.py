@@ -130,7 +130,8 @@ class Job:
     error: str | None = None
     output: str | None = None
     checkpoint: str | None = None
-    config: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)    # the run's options: the Train form is refilled from it
+    resumed_from: int = 0         # the checkpoint's step when this job continues a run
     started: float | None = None
     finished: float | None = None
     version: int = 0              # bumped on every change: a page redraws only when it moved
@@ -161,6 +162,7 @@ class Job:
                     "steps_per_s": self.steps_per_s, "eta_s": self.eta_s, "losses": list(self.losses),
                     "samples": list(self.samples), "log": list(self.log), "error": self.error,
                     "output": self.output, "checkpoint": self.checkpoint, "config": dict(self.config),
+                    "resumed_from": self.resumed_from,
                     "started": self.started, "finished": self.finished, "version": self.version,
                     "active": self.active}
 
@@ -267,6 +269,9 @@ class JobCallbacks(TrainingCallbacks):
 
     def on_checkpoint(self, step: int, path) -> None:
         self.job.update(checkpoint=str(path))
+
+    def on_resume(self, step: int, losses) -> None:
+        self.job.update(losses=list(losses))     # the plot shows the whole run, not just this part
 
     def on_warning(self, message: str) -> None:
         self.job.note(f"warning: {message}")

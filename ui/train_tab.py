@@ -8,6 +8,7 @@ a new trainer option appears here without touching this file. Training runs as a
 from __future__ import annotations
 
 import html
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,9 @@ from sdlora.ui.paths import import_training_upload, safe_name, unique_folder
 # shown at the top; every other option goes to "Advanced", grouped as in the config
 MAIN = ("trigger", "class_word", "rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "resolution",
         "train_text_encoder", "prior_preservation")
+LOSS, SMOOTHED = "loss per step", "smoothed loss (EMA 0.9)"      # the plot's legend
+# keeps the log's newest line in view (a value update alone leaves the textarea scrolled up)
+SCROLL_LOG_JS = "() => { const t = document.querySelector('#train-log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
 # set by the tab from the folders it controls (the page never names these paths)
 MANAGED = ("data_dir", "output", "base", "resume", "checkpoint_dir", "cache_dir")
 PATH_FIELDS = ("class_data_dir",)   # confined to the allowed roots
@@ -71,14 +75,18 @@ def start_training(ctx, *, name: str, source: str, folder: str | None = None, up
                    resume: bool = False) -> Job:
     """Check everything, then start the trainer in the background; returns the job."""
     from sdlora.training.checkpoint import find_checkpoint
+    latest = ctx.jobs.latest("train")
+    if resume and not (name or "").strip() and latest is not None:
+        name = latest.title             # Resume continues the last run even before the form is refilled
     name = safe_name(name, what="LoRA name")
     if name.lower().endswith(".safetensors"):
         name = name[: -len(".safetensors")]
     out, work = ctx.lora_path(name), work_folder(ctx, name)
     values = dict(values or {})
-    checkpoint = None
+    checkpoint, state = None, {}
     if resume:
         checkpoint = find_checkpoint(work / "checkpoints")
+        state = json.loads((checkpoint / "state.json").read_text())
     elif out.exists() and not overwrite:
         raise SdloraError(f"{out.name} already exists in {ctx.loras_dir}: choose another name, tick overwrite, "
                           "or press Resume to continue its training")
@@ -86,8 +94,6 @@ def start_training(ctx, *, name: str, source: str, folder: str | None = None, up
         data = unique_folder(ctx.outputs_dir / "train-data", name)
         import_training_upload(uploads, data)
     elif source == "upload" and resume:
-        import json
-        state = json.loads((checkpoint / "state.json").read_text())
         data = ctx.data_roots.confine(state["config"].get("data_dir", ""), kind="training folder of the checkpoint")
     elif source == "upload":
         raise SdloraError("no images uploaded: add image files (and optional .txt captions), or choose a folder")
@@ -103,7 +109,8 @@ def start_training(ctx, *, name: str, source: str, folder: str | None = None, up
                  "checkpoint_dir": str(work / "checkpoints"), "cache_dir": str(work / "cache"),
                  "resume": str(checkpoint) if checkpoint else ""}
     cfg = build_config(preset=preset or None, overrides=overrides)
-    job = Job("train", name, config=cfg.to_dict(), control=SharingControl(ctx.device_lock, f"training {name}"))
+    job = Job("train", name, config=cfg.to_dict(), control=SharingControl(ctx.device_lock, f"training {name}"),
+              resumed_from=int(state.get("step", 0)))
     job.note(f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'}: {data} -> {out}")
     return ctx.jobs.start(job, partial(run_training, cfg=cfg, device=ctx.device_lock, load_base=ctx.training_base))
 
@@ -164,14 +171,29 @@ def loss_frame(snap: dict | None):
     rows = []
     for step, loss, smooth in (snap or {}).get("losses", []):
         if math.isfinite(loss):
-            rows.append({"step": step, "loss": loss, "series": "loss"})
+            rows.append({"step": step, "loss": loss, "series": LOSS})
         if math.isfinite(smooth):
-            rows.append({"step": step, "loss": smooth, "series": "smoothed"})
+            rows.append({"step": step, "loss": smooth, "series": SMOOTHED})
     if not rows:
         return None
     return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),
                          "loss": pd.Series([r["loss"] for r in rows], dtype="float64"),
                          "series": pd.Series([r["series"] for r in rows], dtype="str")})
+
+
+def form_values(ctx, snap: dict | None) -> dict | None:
+    """The Train form as the job was started ({field: form value}, plus name/source/folder), so a
+    reloaded page can Resume or restart it; None without a job."""
+    if not snap or not snap["config"]:
+        return None
+    cfg = snap["config"]
+    values = {s["name"]: to_form(s, cfg[s["name"]]) for s in form_specs() if s["name"] in cfg}
+    if values.get("class_data_dir") == str(work_folder(ctx, snap["title"]) / "class-images"):
+        values["class_data_dir"] = ""           # the tab's own default, not a user's folder
+    data = cfg.get("data_dir", "")
+    uploaded = Path(data).is_relative_to(ctx.outputs_dir / "train-data") if data else False
+    return {**values, "name": snap["title"], "source": "upload" if uploaded else "folder",
+            "folder": None if uploaded else data}
 
 
 def view(ctx, seen):
@@ -260,7 +282,8 @@ def build(ctx, timer: gr.Timer):
             status = gr.HTML(elem_id="train-status", js_on_load=None)
             progress = gr.HTML(progress_html(None), elem_id="train-progress", js_on_load=None)
             plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
-                               color_map={"loss": "#9ca3af", "smoothed": "#2563eb"}, elem_id="train-loss", height=260)
+                               color_map={LOSS: "#9ca3af", SMOOTHED: "#2563eb"}, color_title="",
+                               elem_id="train-loss", height=260)
             samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train-samples", interactive=False)
             log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log", autoscroll=True)
     fields = [s["name"] for s in specs if s["name"] in comps]
@@ -286,7 +309,8 @@ def build(ctx, timer: gr.Timer):
                                  preset=preset_, overwrite=over, resume=resume_)
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Starting the training")
-        return status_html(f"training {job.title} started", "busy")
+        what = f"resumed from step {job.resumed_from}" if job.resumed_from else "started"
+        return status_html(f"training {job.title} {what}", "busy")
 
     inputs = [name, preset, overwrite, source, folder, uploads, *field_comps]
     start.click(partial(launch, False), inputs, [status], show_progress="hidden")
@@ -301,4 +325,15 @@ def build(ctx, timer: gr.Timer):
     stop.click(on_stop, None, [status], show_progress="hidden")
     outs = [progress, plot, samples, log, start, stop, seen]
     timer.tick(partial(view, ctx), [seen], outs, show_progress="hidden", concurrency_limit=None)
-    return dict(status=status, outs=outs, seen=seen, view=partial(view, ctx))
+    log.change(None, None, None, js=SCROLL_LOG_JS, show_progress="hidden")
+    form = [name, source, folder, *field_comps]
+
+    def refill():
+        job = ctx.jobs.latest("train")
+        vals = form_values(ctx, job.snapshot() if job else None)
+        if vals is None:
+            return [gr.skip()] * len(form)
+        folder_ = gr.update(value=vals["folder"], visible=vals["source"] == "folder")
+        return [vals["name"], vals["source"], folder_] + [vals.get(k, gr.skip()) for k in fields]
+
+    return dict(status=status, outs=outs, seen=seen, view=partial(view, ctx), refill=refill, form=form)

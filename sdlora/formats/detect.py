@@ -2,12 +2,14 @@
 
 `refuse_non_lora` rejects, with a message that says what the file is, the things that sit in
 LoRA folders but are not SD LoRAs: cloneofsimo "safeloras", full checkpoints, textual-inversion
-embeddings, and LoRAs for Flux/SD3/DiT/Stable Cascade. `detect_family` reads the evidence in
-the order of §6: metadata, text-encoder prefixes, UNet block structure, then shapes.
+embeddings, and LoRAs for Flux/SD3/DiT/Stable Cascade. `detect_family` lets the tensors decide
+(text-encoder prefixes, UNet block structure, then shapes); metadata only picks among the families
+they leave, and metadata they contradict is reported, not obeyed.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from sdlora.errors import LoraFormatError
 from sdlora.formats.container import Header
@@ -85,14 +87,35 @@ def refuse_non_lora(header: Header, parsed: ParsedKeys) -> None:
 # UNet block structure that exists in only one of SD1/SD2 (4 levels, depth 1) or SDXL (3 levels)
 _SDXL_ONLY = re.compile(
     r"transformer_blocks[._][1-9]|add_embedding|label_emb|output_blocks[._][0-2][._]1[._](?!conv)|up_blocks[._]0[._]attentions"
-    r"|output_blocks[._]2[._]2[._]conv|text_encoder_2\.|^lora_te[12]_")
+    r"|output_blocks[._]2[._]2[._]conv|text_encoder_2\.|^lora_te[12]_|^text_encoders\.clip_g\.")
 _SD12_ONLY = re.compile(
     r"down_blocks[._]0[._]attentions|down_blocks[._]3[._]|up_blocks[._]3[._]|up_blocks[._]2[._]attentions"
     r"|input_blocks[._](1|2|9|10|11)[._]|output_blocks[._](9|10|11)[._]|output_blocks[._]2[._]1[._]conv"
     r"|down_blocks[._]2[._]downsamplers|output_blocks[._][6-8][._]1[._]")
 _CROSS_KV = re.compile(r"attn2[._]to_[kv]$")
-_TE_Q = re.compile(r"(?:^lora_te_|^text_encoder\.|^lycoris_text_model).*?layers[._](\d+)[._]")
+_TE_Q = re.compile(r"(?:^lora_te_|^text_encoder\.|^lycoris_text_model|^text_encoders\.clip_[lh]\.)"
+                   r".*?layers[._](\d+)[._]")
 _PROJ_IN = re.compile(r"proj_in$")
+_CLIP_H = re.compile(r"^text_encoders\.clip_h\.")  # ComfyUI names SD2's OpenCLIP ViT-H text encoder clip_h
+# modules every family has, with the same names and (real-size) shapes: they cannot tell families apart
+_UNET_PREFIX = r"^(?:lora_unet_|lycoris_(?!text_model)|oft_unet_|unet\.|diffusion_model\.)"
+_UNET = re.compile(_UNET_PREFIX)
+_TOP_LEVEL = re.compile(_UNET_PREFIX + r"(conv_in|conv_out|conv_norm_out|time_embedding[._]linear_[12]"
+                        r"|time_embed[._][02]|input_blocks[._]0[._]0|out[._][02])$")
+FAMILY_ORDER = ("sd1", "sd2", "sdxl")
+
+
+def labels(fams) -> str:
+    names = [SD_FAMILIES[f] for f in FAMILY_ORDER if f in fams]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+@dataclass
+class FamilyGuess:
+    family: str | None          # decided family, or None when the evidence leaves several
+    evidence: str               # why, in words
+    fits: tuple[str, ...]       # the families the keys and shapes allow (metadata not counted)
+    conflict: str = ""          # metadata that contradicts the tensors, in words (for a warning)
 
 
 def _in_width(shapes: dict[str, tuple]) -> int | None:
@@ -102,16 +125,24 @@ def _in_width(shapes: dict[str, tuple]) -> int | None:
     return None
 
 
-def detect_family(header: Header, parsed: ParsedKeys) -> tuple[str | None, str]:
-    """(family or None when undecidable, the evidence in words)."""
-    fam, why = _metadata_family(header.metadata)
-    if fam:
-        return fam, why
+def _undecided_why(names: list[str]) -> str:
+    """Why names and shapes fit every family: which kind of modules the file holds."""
+    unet = [n for n in names if _UNET.search(n)]
+    if names and len(unet) == len(names) and all(_TOP_LEVEL.search(n) for n in names):
+        return (f"only top-level UNet modules (e.g. {names[0]}), which every family has with the same names "
+                "and shapes")
+    if names and not unet:
+        return f"only text-encoder modules (e.g. {names[0]}) with no width or depth that only one family has"
+    return "no module name or shape that only one family has"
+
+
+def tensor_family(header: Header, parsed: ParsedKeys) -> tuple[tuple[str, ...], str]:
+    """(families the keys and shapes fit, why): the evidence of §6 without the metadata."""
     names = list(parsed.modules)
     xl = [n for n in names if _SDXL_ONLY.search(n)]
     sd = [n for n in names if _SD12_ONLY.search(n)]
     if xl and len(xl) >= len(sd):
-        return "sdxl", f"SDXL-only module names (e.g. {xl[0]})"
+        return ("sdxl",), f"SDXL-only module names (e.g. {xl[0]})"
     votes: dict[str, str] = {}
     for name, mod in parsed.modules.items():
         shapes = {p: header.tensors[k].shape for p, k in mod.keys.items()}
@@ -124,20 +155,40 @@ def detect_family(header: Header, parsed: ParsedKeys) -> tuple[str | None, str]:
             votes.setdefault("sd2", f"text-encoder layer {m[1]} (SD1 has 12)")
         elif m and name.endswith(("q_proj", "q_proj.weight")) and width in (768, 1024):
             votes.setdefault({768: "sd1", 1024: "sd2"}[width], f"text-encoder width {width}")
+        if _CLIP_H.search(name):
+            votes.setdefault("sd2", f"ComfyUI clip_h text encoder, SD2's ({name})")
         if _PROJ_IN.search(name) and "down" in shapes:
             votes.setdefault("sd1" if len(shapes["down"]) == 4 else "sd2/sdxl",
                              f"{'conv' if len(shapes['down']) == 4 else 'linear'} proj_in LoRA ({name})")
     if "sdxl" in votes:
-        return "sdxl", votes["sdxl"]
+        return ("sdxl",), votes["sdxl"]
     sd1, sd2, linear = ("sd1" in votes), ("sd2" in votes), ("sd2/sdxl" in votes)
     if sd1 and not (sd2 or linear):
-        return "sd1", votes["sd1"]
+        return ("sd1",), votes["sd1"]
     if sd2 and not sd1:
-        return "sd2", votes["sd2"]
+        return ("sd2",), votes["sd2"]
     if linear and not sd1 and sd:  # SD1/SD2 block names with a linear proj_in: SD2
-        return "sd2", f"{votes['sd2/sdxl']} with SD1/SD2 block names"
+        return ("sd2",), f"{votes['sd2/sdxl']} with SD1/SD2 block names"
     if len(votes) > 1:
-        return None, "conflicting evidence: " + "; ".join(votes.values())
+        return FAMILY_ORDER, "conflicting evidence: " + "; ".join(votes.values())
+    if linear:
+        return ("sd2", "sdxl"), votes["sd2/sdxl"]
     if sd:
-        return None, f"SD1/SD2 module names (e.g. {sd[0]}), no shape that tells SD1 from SD2"
-    return None, "no decisive evidence"
+        return ("sd1", "sd2"), f"SD1/SD2-only module names (e.g. {sd[0]}), no shape that tells SD1 from SD2"
+    return FAMILY_ORDER, _undecided_why(names)
+
+
+def detect_family(header: Header, parsed: ParsedKeys) -> FamilyGuess:
+    """Keys and shapes decide; metadata (`ss_base_model_version`, modelspec) only picks among the
+    families they leave, and a metadata family they rule out is reported as a conflict."""
+    fits, why = tensor_family(header, parsed)
+    md_fam, md_why = _metadata_family(header.metadata)
+    conflict = ""
+    if md_fam and md_fam not in fits:
+        conflict = (f"its metadata says {SD_FAMILIES[md_fam]} ({md_why}) but its keys and shapes say "
+                    f"{labels(fits)} ({why}); going by the keys and shapes")
+    if len(fits) == 1:
+        return FamilyGuess(fits[0], why, fits, conflict)
+    if md_fam in fits:
+        return FamilyGuess(md_fam, f"{md_why}; keys and shapes fit {labels(fits)}: {why}", fits)
+    return FamilyGuess(None, f"{labels(fits)} fit: {why}", fits, conflict)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdlora.formats import diffusers, kohya
+from sdlora.formats import comfy, diffusers, kohya
 
 # kohya/LyCORIS suffixes after the first dot -> normalized part (identity unless renamed)
 KOHYA_PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
@@ -16,7 +16,8 @@ KOHYA_PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.wei
 LYCORIS_PARTS = ("alpha", "scale", "bias", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
                  "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                  "lokr_t2", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale", "weight",
-                 "on_input", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")
+                 "on_input", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight",
+                 "bias_indices", "bias_values", "bias_size")  # last three: LyCORIS extraction's sparse residual
 KOHYA_PARTS.update({p: p for p in LYCORIS_PARTS})
 # LyCORIS suffixes also seen after dotted diffusers names (not the bare weight/bias/scale)
 DOTTED_EXTRA = tuple(p for p in LYCORIS_PARTS if p not in ("weight", "bias", "scale"))
@@ -26,7 +27,7 @@ BUNDLE_PREFIX = "bundle_emb."
 @dataclass
 class Module:
     name: str                                        # module name as written (normalized for dotted keys)
-    scheme: str                                      # "kohya" | "diffusers"
+    scheme: str                                      # "kohya" | "diffusers" | "comfy"
     keys: dict[str, str] = field(default_factory=dict)  # part -> file key
 
 
@@ -60,7 +61,8 @@ def parse_keys(names) -> ParsedKeys:
             part, scheme = KOHYA_PARTS.get(suffix), "kohya"
         else:
             got = _split_dotted(key)
-            (module, part), scheme = (got if got else (None, None)), "diffusers"
+            (module, part) = got if got else (None, None)
+            scheme = "comfy" if module and comfy.claims(module) else "diffusers"
         if part is None:
             out.unknown.append(key)
             continue

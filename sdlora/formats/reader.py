@@ -19,10 +19,10 @@ from typing import Mapping
 
 import torch
 
-from sdlora.adapters import Adapter, Full
+from sdlora.adapters import Adapter
 from sdlora.errors import FamilyMismatchError, LoraFormatError, UnmatchedKeysError
 from sdlora.families import get_family, module_table
-from sdlora.formats import diffusers, kohya
+from sdlora.formats import comfy, diffusers, kohya
 from sdlora.formats.container import header_of_state_dict, load_tensors, read_header
 from sdlora.formats.detect import SD_FAMILIES, detect_family, refuse_non_lora
 from sdlora.formats.keys import ParsedKeys, parse_keys
@@ -45,6 +45,7 @@ class LoraFile:
     family_evidence: str = ""                     # why this family (metadata, names, shapes, or the caller)
     container: str = "safetensors"                # "safetensors" | "pickle" | "state_dict"
     misfits: list[str] = field(default_factory=list)  # shape misfits kept when read with check_shapes=False
+    notes: list[str] = field(default_factory=list)    # things `inspect` should say (warnings, skipped no-ops)
 
     @property
     def algorithms(self) -> list[str]:
@@ -72,6 +73,8 @@ def _format_name(parsed: ParsedKeys, algorithms: set[str], metadata: dict[str, s
         if mod.scheme == "kohya":
             lyco = name.startswith("lycoris_") or str(metadata.get("ss_network_module", "")).startswith("lycoris")
             schemes.add("lycoris" if lyco or algorithms - {"lora", "locon"} else "kohya")
+        elif mod.scheme == "comfy":
+            schemes.add("comfyui")
         else:
             keys = mod.keys.values()
             schemes.add("peft" if any(".lora_A." in k or ".lora_B." in k or "magnitude" in k for k in keys)
@@ -98,18 +101,20 @@ def _peft_alpha(adapter_md: dict, path: str, rank: int) -> float | None:
     return float(alpha)
 
 
-def _resolve(mod, table, aliases) -> list[str]:
+def _resolve(mod, table, aliases, comfy_names) -> list[str]:
     if mod.scheme == "kohya":
         return [c for c in aliases.get(mod.name, ()) if c in table]
+    if mod.scheme == "comfy":
+        return [comfy_names[mod.name]] if mod.name in comfy_names else []
     return [c for c in diffusers.candidates(mod.name) if c in table]
 
 
 def _fits(ad: Adapter, info) -> bool:
     if not ad.target_shape_ok(info.shape):
         return False
-    if isinstance(ad, Full):
-        return ad.bias_shape_ok((info.shape[0],) if info.has_bias and len(info.shape) > 1
-                                else (info.shape if info.has_bias else None))
+    if "diff_b" in ad.tensors:  # Full, or a ComfyUI bias difference beside a LoRA
+        want = (info.shape[0],) if len(info.shape) > 1 else tuple(info.shape)  # norms: bias shaped as weight
+        return info.has_bias and tuple(ad.tensors["diff_b"].shape) == want
     return True
 
 
@@ -143,16 +148,21 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
     refuse_non_lora(header, parsed)
     where = f"{path}: " if path else ""
 
-    detected, evidence = detect_family(header, parsed)
+    guess = detect_family(header, parsed)
+    detected, evidence = guess.family, guess.evidence
     if family is not None and detected is not None and detected != family:
         raise FamilyMismatchError(
             f"{where}this LoRA is for {SD_FAMILIES[detected]} ({evidence}) but the model is "
             f"{SD_FAMILIES[family]}; pick a {SD_FAMILIES[family]} LoRA or a {SD_FAMILIES[detected]} base model")
-    fam = family or detected or "sd1"
+    notes = []
+    if guess.conflict:  # metadata is a hint: the tensors decide, the user hears about the disagreement
+        notes.append(guess.conflict)
+        warnings.warn(f"{where}{guess.conflict}", stacklevel=2)
+    fam = family or detected or guess.fits[0]
     if family is not None:
         evidence = f"given by the caller ({evidence})" if detected is None else evidence
     elif detected is None:
-        evidence = f"assumed SD1.x: {evidence}"
+        evidence = f"assumed {SD_FAMILIES[fam]}: {evidence}"
 
     if state is None:
         state = load_tensors(path, header)
@@ -162,7 +172,9 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
                               f"(e.g. {', '.join(bad[:5])}); re-download it or use another version")
 
     table = module_table(fam, configs, include_norms=True)
-    aliases = kohya.aliases(fam, configs) if any(m.scheme == "kohya" for m in parsed.modules.values()) else {}
+    schemes = {m.scheme for m in parsed.modules.values()}
+    aliases = kohya.aliases(fam, configs) if "kohya" in schemes else {}
+    comfy_names = comfy.aliases(fam, configs) if "comfy" in schemes else {}
     adapter_md = {}
     if "lora_adapter_metadata" in header.metadata:
         try:
@@ -173,9 +185,12 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
     patches: dict[str, Adapter] = {}
     source_of: dict[str, str] = {}
     unmatched = list(parsed.unknown) + list(parsed.duplicate)
-    misfits = []
+    misfits, no_effect, sparse = [], [], 0
     for name, mod in parsed.modules.items():
-        cands = _resolve(mod, table, aliases)
+        cands = _resolve(mod, table, aliases, comfy_names)
+        if not cands and name in comfy.NO_EFFECT:
+            no_effect.extend(mod.keys.values())
+            continue
         if not cands:
             unmatched.extend(mod.keys.values())
             continue
@@ -184,6 +199,7 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
         if "alpha" not in parts and "down" in parts and adapter_md:
             alpha = _peft_alpha(adapter_md, cands[0], parts["down"].shape[0])
         ad, used = build_adapter(name, parts, alpha)
+        sparse += "bias_indices" in used
         unmatched.extend(k for p, k in mod.keys.items() if p not in used)
         fits = [c for c in cands if _fits(ad, table[c])]
         if not fits:
@@ -201,6 +217,12 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
             f"model or a damaged file): " + "; ".join(misfits[:5]) + (" ..." if len(misfits) > 5 else ""))
     embeddings = {tok: {k[len(f"bundle_emb.{tok}."):] or tok: state[k] for k in keys}
                   for tok, keys in parsed.embeddings.items()}
+    if sparse:
+        notes.append(f"LyCORIS sparse residual (bias_indices/bias_values/bias_size) added to the ΔW of {sparse} "
+                     "modules, scaled like the rest of each module")
+    if no_effect:
+        notes.append(f"{len(no_effect)} keys of ComfyUI's CLIP-L/H text_projection skipped: this model's text "
+                     f"encoder has none and its pooled output is unused (e.g. {no_effect[0]})")
     if not patches and not embeddings:
         raise UnmatchedKeysError(f"{where}none of the {len(unmatched)} LoRA keys matches a module of the "
                                  f"{SD_FAMILIES[fam]} model (e.g. {', '.join(unmatched[:5])})")
@@ -214,6 +236,6 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
     algorithms = {ad.algorithm for ad in patches.values()}
     lf = LoraFile(patches=patches, family=fam, format=_format_name(parsed, algorithms, header.metadata),
                   metadata=dict(header.metadata), embeddings=embeddings, unmatched=unmatched, path=path,
-                  family_evidence=evidence, container=header.container, misfits=misfits)
+                  family_evidence=evidence, container=header.container, misfits=misfits, notes=notes)
     log.info("%s%s", where, lf.summary())  # matched modules per component, on every load
     return lf
