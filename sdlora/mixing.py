@@ -382,30 +382,46 @@ class Mixer:
     def apply(self, entries: Sequence[MixEntry]) -> MixResult:
         """Make `entries` the active mix. Reads, validates, then patches only what changed.
 
-        Any error before patching leaves the model as it was; an error while patching restores
-        the base weights (and the mix becomes empty) before it propagates.
+        A call that fails leaves the model as it was: errors found before patching change nothing;
+        an error while patching (out of memory, Ctrl-C) puts every module it touched back to its
+        previous mix, recomputed from the base exactly as it was computed before.
         """
         entries = tuple(entries)
         loras = load_sources(entries, self.family, self.target.configs, self.cache)
         recipes = plan(entries, loras, self.target.unet_config)
         check_fit(entries, loras, self._shape, tuple(self.components), self.target.unet_config)
+        before = dict(self._recipes)
         updated, restored = [], []
         try:
             with torch.no_grad():
                 for path in [p for p in self._recipes if p not in recipes]:
-                    self._restore_module(path)
                     restored.append(path)
+                    self._restore_module(path)
                 for path, recipe in recipes.items():
                     if _recipe_key(self._recipes.get(path)) != _recipe_key(recipe):
-                        self._write(path, recipe)
                         updated.append(path)
+                        self._write(path, recipe)
                         self._recipes[path] = recipe
         except BaseException:
-            self.restore()
+            self._roll_back(before, restored + updated)
             raise
         self._recipes = dict(recipes)
         self._active = entries
         return MixResult(tuple(updated), tuple(restored))
+
+    def _roll_back(self, before: dict[str, Recipe], touched: list[str]) -> None:
+        """Put the modules in `touched` back to their recipes in `before` (base weights if none)."""
+        try:
+            with torch.no_grad():
+                for path in touched:
+                    if path in self._weights:
+                        self._restore_module(path)
+                    if path in before:
+                        self._write(path, before[path])
+            self._recipes = before
+        except BaseException:
+            self.restore()   # cannot rebuild the previous mix (e.g. out of memory again): the base at least
+            raise
 
     def restore(self) -> None:
         """Give every patched weight (and bias) back its base value, bit for bit."""
