@@ -74,7 +74,13 @@ def atomic_write(path, write: Callable[[Path], None], *, overwrite: bool = True)
     try:
         tmp = temp_file(path.parent, path.name)
         try:
-            write(tmp)
+            try:
+                write(tmp)
+            except Exception as e:
+                if as_oserror(e) is e:
+                    raise
+                raise as_oserror(e) from e
+            os.chmod(tmp, 0o666 & ~umask())    # writers that replace the file (safetensors) make it 0600
             if overwrite:
                 os.replace(tmp, path)
             else:
@@ -91,12 +97,27 @@ def atomic_write(path, write: Callable[[Path], None], *, overwrite: bool = True)
     return path
 
 
+def as_oserror(e: Exception) -> Exception:
+    """An I/O failure inside safetensors' Rust code (SafetensorError "... (os error 28) ...") as the
+    OSError it was, so it is reported like any other; other exceptions are returned unchanged."""
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    if m is None:
+        return e
+    code = int(m[1])
+    return OSError(code, os.strerror(code))
+
+
 def atomic_save_file(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
     """safetensors save that never leaves a half-written file at `path`."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp),
-                                             metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    metadata = {k: _utf8(str(v)) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _utf8(text: str) -> str:
+    """Text safetensors can store: a file name that is not UTF-8 (surrogate escapes) gets U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

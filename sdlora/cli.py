@@ -64,7 +64,16 @@ def error_message(e: BaseException) -> tuple[str, int]:
             EXIT_INTERNAL)
 
 
+def _safe_output() -> None:
+    """Paths whose names are not valid UTF-8 (kept by Python as surrogate escapes) print as escapes
+    instead of failing the command with UnicodeEncodeError after its work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None) -> int:
+    _safe_output()
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = argv[:argv.index("--")] if "--" in argv else argv
     debug = "--debug" in flags     # known before parsing, for errors while a command module imports

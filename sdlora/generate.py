@@ -161,7 +161,9 @@ def run(args) -> int:
     sampler = sampler_name(args.sampler)          # validate everything before loading anything
     loras = [parse_lora_arg(s) for s in args.lora]
     _, tags = parse_prompt(args.prompt)
-    resolve(tags, args.loras)
+    from sdlora.formats import read_header
+    for ref in resolve(tags, args.loras) + loras:
+        read_header(ref.path)                     # a damaged LoRA fails now, not after the model loads
     check_output_dir(args.out)                    # a bad --out fails now, not after generating
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)

@@ -23,10 +23,8 @@ import datetime
 import hashlib
 import json
 import math
-import errno
 import os
 import shutil
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +36,9 @@ from safetensors.torch import save_file
 from sdlora.adapters import LoRA
 from sdlora.errors import SdloraError
 from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
-from sdlora.atomic import atomic_save_file, clean_stale, replace_dir, temp_dir
+from sdlora.atomic import as_oserror, atomic_save_file, clean_stale, replace_dir, temp_dir, umask
 from sdlora.formats.writer import lora_state_dict
-from sdlora.paths import explain_oserror
+from sdlora.paths import explain_oserror, scan_tree
 from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
                            fused_weight, is_plain_lora, load_sources, lora_factors, plan)
 
@@ -59,6 +57,7 @@ class MixedLora:
     errors: dict[str, float] = field(default_factory=dict)   # component -> relative Frobenius error
     modules: dict[str, int] = field(default_factory=dict)    # component -> modules written
     dtype: torch.dtype = torch.float32                  # the inputs' common dtype (fp32 when mixed)
+    inputs: list = field(default_factory=list)          # the inputs' LoraFiles (for their metadata)
 
 
 def _as_lora(up: torch.Tensor, down: torch.Tensor, shape: tuple) -> LoRA:
@@ -113,7 +112,7 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
     dtypes = {t.dtype for lf in loras for ad in lf.patches.values() for t in ad.tensors.values()
               if isinstance(t, torch.Tensor) and t.is_floating_point()}
     out = MixedLora({}, family, "concat" if rank is None else "svd", rank,
-                    dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+                    dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, inputs=list(loras))
     sq_err: dict[str, float] = {}
     sq_norm: dict[str, float] = {}
     with torch.no_grad():
@@ -165,10 +164,9 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     alphas = {float(ad.alpha) for ad in mixed.patches.values()}
     dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
     alpha = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
-    titles = []
-    for e in entries:
-        meta = getattr(e.source, "metadata", None) or {}
-        titles.append(meta.get("modelspec.title") or Path(e.name).stem)
+    inputs = [(e, getattr(lf, "metadata", None) or {}) for e, lf in
+              zip(entries, mixed.inputs or [e.source for e in entries])]
+    titles = [m.get("modelspec.title") or Path(e.name).stem for e, m in inputs]
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
@@ -193,7 +191,49 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
         meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
+    meta.update(_inherited(inputs, mixed))
     return meta
+
+
+# what the inputs say about their base model: kept when they all agree (a mix of LoRAs trained on
+# one model is still for that model); the family's generic value otherwise
+SHARED_KEYS = ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_base_model_version",
+               "ss_v2", "ss_resolution", "modelspec.architecture", "modelspec.prediction_type",
+               "modelspec.resolution")
+
+
+def _inherited(inputs, mixed: MixedLora) -> dict[str, str]:
+    """Base-model keys the inputs agree on, and their trigger words and tag frequencies merged, so
+    a mix is listed with its triggers and base model like its inputs are. Inputs with no positive
+    multiplier are left out of the triggers (their style is removed, not added)."""
+    from sdlora.inspect import trigger_words
+    out = {}
+    for key in SHARED_KEYS:
+        values = {m.get(key) for _, m in inputs}
+        if len(values) == 1 and None not in values and values != {""}:
+            out[key] = values.pop()
+    words, tags = [], {}
+    for e, m in inputs:
+        if max(e.unet, e.text_encoder) <= 0:
+            continue
+        path = getattr(e.source, "path", None) or (Path(e.source) if isinstance(e.source, (str, os.PathLike)) else None)
+        found, _ = trigger_words(m, Path(path) if path else None)
+        words += [w for w in found if w not in words]
+        try:
+            freq = json.loads(m.get("ss_tag_frequency") or "{}")
+        except ValueError:
+            continue
+        for folder, counts in (freq.items() if isinstance(freq, dict) else ()):
+            if isinstance(counts, dict):
+                merged = tags.setdefault(str(folder), {})
+                for tag, n in counts.items():
+                    if isinstance(n, (int, float)):
+                        merged[str(tag)] = merged.get(str(tag), 0) + int(n)
+    if words:
+        out["modelspec.trigger_phrase"] = ", ".join(words)
+    if tags:
+        out["ss_tag_frequency"] = json.dumps(tags)
+    return out
 
 
 def save_mix(path, mixed: MixedLora, entries: list[MixEntry], *, dtype: torch.dtype | None = None,
@@ -275,7 +315,7 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
     """
     base, out = Path(base), Path(out)
     target = _folder_target(base)
-    dirs, files = _scan_tree(base)
+    dirs, files = scan_tree(base, "the base folder")
     replacing = _check_out(base, out, overwrite, files)
     loras = load_sources(entries, target.family, target.configs, cache or DEFAULT_CACHE)
     recipes = plan(entries, loras, target.unet_config)
@@ -352,40 +392,6 @@ def _check_out(base: Path, out: Path, overwrite: bool, files: list[Path]) -> str
                       "folder, so nothing was touched. Pick another output folder")
 
 
-def _scan_tree(base: Path) -> tuple[list[Path], list[Path]]:
-    """(folders, files) of `base`, relative, links followed; a link loop or a broken link is an error."""
-    dirs, files = [], []
-
-    def walk(folder: Path, rel: Path, above: frozenset):
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            raise SdloraError(f"cannot read the base folder: {explain_oserror(e)}") from None
-        for entry in entries:
-            if entry.name == ".git":
-                continue
-            p = Path(entry.path)
-            try:
-                is_dir = stat.S_ISDIR(os.stat(p).st_mode)   # follows links
-            except OSError as e:
-                if e.errno == errno.ENOENT and p.is_symlink():
-                    raise SdloraError(f"{p} in the base folder is a broken symbolic link (to {os.readlink(p)}); "
-                                      "fix or remove it") from None
-                raise SdloraError(f"cannot read the base folder: {explain_oserror(e)}") from None
-            if not is_dir:
-                files.append(rel / entry.name)
-                continue
-            real = os.path.realpath(p)
-            if real in above:
-                raise SdloraError(f"{p} in the base folder is a symbolic link loop: it leads back to {real}, "
-                                  "a folder it is inside; fix or remove the link")
-            dirs.append(rel / entry.name)
-            walk(p, rel / entry.name, above | {real})
-
-    walk(base, Path(), frozenset({os.path.realpath(base)}))
-    return dirs, files
-
-
 def _copy_tree(base: Path, dest: Path, dirs, files, exclude: set[Path], touched: set[Path]) -> list[Path]:
     """Copy every file (links followed) except `exclude`; stale .bin weights of touched components are left out."""
     skipped = []
@@ -398,7 +404,7 @@ def _copy_tree(base: Path, dest: Path, dirs, files, exclude: set[Path], touched:
         if src.parent in touched and src.name.endswith(".bin"):
             skipped.append(src)
             continue
-        shutil.copy2(src, dest / rel)
+        shutil.copyfile(src, dest / rel)     # a new file of the user's: umask modes, not the base's (often 0600)
     return skipped
 
 
@@ -414,4 +420,10 @@ def _patch_file(src: Path, dst: Path, patches: dict[str, tuple], device: str) ->
             else:
                 new = fused_bias(t.to(device), bias_deltas(t.to(device), recipe), t)
             tensors[key] = new.to(dtype=t.dtype, device="cpu")
-    save_file(tensors, str(dst), metadata=meta)
+    try:
+        save_file(tensors, str(dst), metadata=meta)
+    except Exception as e:
+        if as_oserror(e) is e:
+            raise
+        raise as_oserror(e) from e         # disk full inside safetensors: reported as any OSError
+    os.chmod(dst, 0o666 & ~umask())        # safetensors writes 0600; the model folder gets normal modes

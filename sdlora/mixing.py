@@ -31,7 +31,7 @@ import torch
 
 from sdlora.adapters import LoRA
 from sdlora.blocks import BlockSpec, block_weight, parse_lbw
-from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
+from sdlora.errors import FamilyMismatchError, LoraFormatError, SdloraError, UnmatchedKeysError
 from sdlora.families import COMPONENTS, family_of_unet_config, get_family, live_path, load_config
 
 
@@ -114,11 +114,10 @@ class LoraCache:
         self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
 
     def get(self, path, family: str | None, configs: dict | None):
+        from sdlora.paths import check_input_file
+        check_input_file(path, "LoRA file")     # missing, a folder, a link loop: said before reading
         real = os.path.realpath(path)
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise SdloraError(f"LoRA file {path} not found; check the path") from None
+        st = os.stat(real)
         key = (real, st.st_size, st.st_mtime_ns, family, _digest(configs))
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -209,6 +208,9 @@ def check_fit(entries: Sequence[MixEntry], loras: Sequence, shape_of: Callable[[
             raise SdloraError(f"{e.name} has {'/'.join(absent)} modules but the model has no {'/'.join(absent)}; "
                               "load a model with it or set that multiplier to 0")
         for path, ad in lora.patches.items():
+            problem = ad.shape_problem() if hasattr(ad, "shape_problem") else None
+            if problem:   # adapters built in code, not read from a file, are checked here
+                raise LoraFormatError(f"{e.name}: {path}: {problem}; nothing was changed")
             if path.partition(".")[0] not in components:
                 continue
             shape = shape_of(path)

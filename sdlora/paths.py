@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from sdlora.errors import SdloraError
@@ -82,3 +83,39 @@ def check_output_dir(path) -> Path:
         raise SdloraError(f"cannot write to {path}: {probe} is not writable (read-only or no permission); "
                           "pick another output folder")
     return path
+
+
+def scan_tree(base: Path, what: str = "the base folder") -> tuple[list[Path], list[Path]]:
+    """(folders, files) of `base`, relative, links followed; a link loop or a broken link is an error
+    (said before any work, instead of a copy that never ends or a loader's traceback)."""
+    base = Path(base)
+    dirs, files = [], []
+
+    def walk(folder: Path, rel: Path, above: frozenset):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise SdloraError(f"cannot read {what}: {explain_oserror(e)}") from None
+        for entry in entries:
+            if entry.name == ".git":
+                continue
+            p = Path(entry.path)
+            try:
+                is_dir = stat.S_ISDIR(os.stat(p).st_mode)   # follows links
+            except OSError as e:
+                if e.errno == errno.ENOENT and p.is_symlink():
+                    raise SdloraError(f"{p} in {what} is a broken symbolic link (to {os.readlink(p)}); "
+                                      "fix or remove it") from None
+                raise SdloraError(f"cannot read {what}: {explain_oserror(e)}") from None
+            if not is_dir:
+                files.append(rel / entry.name)
+                continue
+            real = os.path.realpath(p)
+            if real in above:
+                raise SdloraError(f"{p} in {what} is a symbolic link loop: it leads back to {real}, "
+                                  "a folder it is inside; fix or remove the link")
+            dirs.append(rel / entry.name)
+            walk(p, rel / entry.name, above | {real})
+
+    walk(base, Path(), frozenset({os.path.realpath(base)}))
+    return dirs, files

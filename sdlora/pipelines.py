@@ -88,6 +88,9 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
             raise CheckpointError(f"the embedded model is missing at {spec}; reinstall sdlora or build it with "
                                   "the two commands in training/make_base_model.py")
     path = Path(spec).expanduser()
+    if path.is_symlink() and not path.exists():     # a broken link or a link loop: say which
+        from sdlora.paths import check_input_file
+        check_input_file(path, "base model")
     if path.is_dir():
         base = load_folder(path, dtype=dtype)
     elif path.is_file():
@@ -124,6 +127,8 @@ def load_folder(path: Path, *, dtype=torch.float32) -> BaseModel:
         raise CheckpointError(f"{path} is not a diffusers pipeline folder (no model_index.json); expected a "
                               "folder saved by diffusers' save_pretrained or a single checkpoint file")
     index = json.loads(index_file.read_text())
+    from sdlora.paths import scan_tree
+    scan_tree(path, "the base model folder")      # link loops and broken links: one message, not a traceback
     pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **_folder_kwargs(index))
     return wrap_pipeline(pipe, name=path.name, source=str(path))
 
@@ -158,12 +163,10 @@ def folder_hash(path: Path) -> str:
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict, safetensors metadata) of a checkpoint file; pickles only with weights_only=True."""
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from sdlora.formats.container import load_safetensors
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            return load_file(str(path)), meta
+            return load_safetensors(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path.name} is not a readable .safetensors file ({e}); the download may be "
                                   "incomplete: compare its size or hash with the source") from None
@@ -171,10 +174,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         zipped = zipfile.is_zipfile(path)
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # pickle.UnpicklingError for code-running pickles, others for junk
+        from sdlora.formats.container import pickle_refusal
         raise CheckpointError(
-            f"{path.name} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). sdlora never runs code stored in a pickle; if you trust the file, "
-            "convert it to .safetensors, or download the .safetensors version") from None
+            f"{path.name} could not be read as a weights-only PyTorch checkpoint: {pickle_refusal(e)}. sdlora "
+            "never runs code stored in a pickle; if you trust the file, convert it to .safetensors, or download "
+            "the .safetensors version") from None
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
