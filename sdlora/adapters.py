@@ -76,6 +76,13 @@ class Adapter:
             ok = self.tensors["bias"].numel() == numel
         return ok
 
+    def shape_problem(self) -> str | None:
+        """What is inconsistent in the tensors themselves (ranks that disagree, an empty tensor), or
+        None. Checked when a file is read and again before a model is patched, so a broken file
+        fails with this sentence instead of a matmul error halfway through patching."""
+        empty = [k for k, t in self.tensors.items() if t.numel() == 0]
+        return f"empty tensor {empty[0]} {list(self.tensors[empty[0]].shape)}" if empty else None
+
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
         return f"{type(self).__name__}({shapes}, alpha={self.alpha})"
@@ -121,6 +128,23 @@ class LoRA(Adapter):
         kernel = mid.shape[2:].numel() if mid is not None else down.shape[2:].numel()
         return up.shape[0], up.shape[0] * down.shape[1] * kernel
 
+    def shape_problem(self):
+        up, down, mid = self.tensors["up"], self.tensors["down"], self.tensors.get("mid")
+        if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+            return f"lora_up {list(up.shape)} and lora_down {list(down.shape)} must be 2-D (linear) or 4-D (conv)"
+        if down.shape[0] == 0 or up.shape[1] == 0:
+            return f"rank 0 (lora_up {list(up.shape)}, lora_down {list(down.shape)}): the module has no update"
+        if up.shape[1] != down.shape[0]:
+            return (f"lora_up {list(up.shape)} has rank {up.shape[1]} but lora_down {list(down.shape)} has rank "
+                    f"{down.shape[0]}; they must agree")
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            return f"lora_up {list(up.shape)} must be [out, rank, 1, 1]"
+        if mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (down.shape[0], up.shape[1])):
+            return f"lora_mid {list(mid.shape)} must be [rank, rank, kh, kw] with rank {down.shape[0]}"
+        if "up_bias" in self.tensors and self.tensors["up_bias"].numel() != up.shape[0]:
+            return f"lora bias {list(self.tensors['up_bias'].shape)} must have {up.shape[0]} values (lora_up's rows)"
+        return super().shape_problem()
+
     def _raw(self, weight):
         up, down = self._t("up", weight), self._t("down", weight)
         r = down.shape[0]
@@ -165,6 +189,30 @@ class LoHa(Adapter):
             out = a.shape[1]
             return out, out * b.shape[1] * self.tensors["hada_t1"].shape[2:].numel()
         return a.shape[0], a.shape[0] * b[0].numel()
+
+    def shape_problem(self):
+        t = self.tensors
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        if any(t[f"hada_w{i}_{x}"].dim() < 2 for i in (1, 2) for x in "ab"):
+            return f"LoHa factors must be at least 2-D, got {shapes}"
+        for i in (1, 2):
+            a, b = t[f"hada_w{i}_a"], t[f"hada_w{i}_b"]
+            if f"hada_t{i}" in t:
+                if t[f"hada_t{i}"].dim() != 4 or tuple(t[f"hada_t{i}"].shape[:2]) != (a.shape[0], b.shape[0]):
+                    return f"LoHa Tucker core hada_t{i} does not match its factors: {shapes}"
+            elif a.shape[1] != b.shape[0]:
+                return f"LoHa hada_w{i}_a and hada_w{i}_b ranks disagree: {shapes}"
+        if t["hada_w1_b"].shape[0] == 0 or t["hada_w2_b"].shape[0] == 0:
+            return f"LoHa rank 0: {shapes}"
+        if self._half_shape(1) != self._half_shape(2):
+            return f"the two LoHa halves have different shapes: {shapes}"
+        return super().shape_problem()
+
+    def _half_shape(self, i):
+        a, b = self.tensors[f"hada_w{i}_a"], self.tensors[f"hada_w{i}_b"]
+        if "hada_t1" in self.tensors:
+            return (a.shape[1], b.shape[1]) + tuple(self.tensors[f"hada_t{i}"].shape[2:])
+        return (a.shape[0], b[0].numel())
 
     def _half(self, i, weight):
         a, b = self._t(f"hada_w{i}_a", weight), self._t(f"hada_w{i}_b", weight)
@@ -220,6 +268,22 @@ class LoKr(Adapter):
         w1, w2 = self._factor_shapes()
         out = w1[0] * w2[0]
         return out, out * w1[1] * torch.Size(w2[1:]).numel()
+
+    def shape_problem(self):
+        t = self.tensors
+        shapes = {k: list(v.shape) for k, v in t.items()}
+        if any(v.dim() < 2 for k, v in t.items() if k != "bias"):
+            return f"LoKr factors must be at least 2-D, got {shapes}"
+        if "lokr_w1" not in t and t["lokr_w1_a"].shape[1] != t["lokr_w1_b"].shape[0]:
+            return f"LoKr lokr_w1_a and lokr_w1_b ranks disagree: {shapes}"
+        if "lokr_w2" not in t:
+            if "lokr_t2" in t:
+                core = t["lokr_t2"]
+                if core.dim() != 4 or tuple(core.shape[:2]) != (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[0]):
+                    return f"LoKr Tucker core lokr_t2 does not match lokr_w2_a/lokr_w2_b: {shapes}"
+            elif t["lokr_w2_a"].shape[1] != t["lokr_w2_b"].shape[0]:
+                return f"LoKr lokr_w2_a and lokr_w2_b ranks disagree: {shapes}"
+        return super().shape_problem()
 
     def _raw(self, weight):
         t = self.tensors
@@ -321,6 +385,12 @@ class OFT(Adapter):
         n, bs, _ = self.tensors["oft_blocks"].shape
         return len(weight_shape) >= 2 and weight_shape[0] == n * bs
 
+    def shape_problem(self):
+        b = self.tensors["oft_blocks"]
+        if b.dim() != 3 or b.shape[1] != b.shape[2]:
+            return f"oft_blocks {list(b.shape)} must be [blocks, size, size]"
+        return super().shape_problem()
+
     def rotation(self, device=None) -> torch.Tensor:
         blocks = self.tensors["oft_blocks"].to(device=device, dtype=torch.float32)
         n, bs, _ = blocks.shape
@@ -362,6 +432,9 @@ class DoRA(Adapter):
         self.axis = axis
 
     base_algorithm = property(lambda self: self.inner.algorithm)
+
+    def shape_problem(self):
+        return self.inner.shape_problem() or super().shape_problem()
     rank = property(lambda self: self.inner.rank)
     scale = property(lambda self: self.inner.scale)
 

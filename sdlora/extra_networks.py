@@ -119,6 +119,9 @@ def parse_lora_arg(spec: str) -> LoraRef:
     if any(not math.isfinite(n) for n in numbers):
         raise SdloraError(f"--lora {spec!r}: weights must be finite numbers")
     if not path.is_file():
+        if path.exists() or path.is_symlink():     # a folder, a link loop, a broken link: said as such
+            from sdlora.paths import check_input_file
+            check_input_file(path, f"--lora {spec!r}: LoRA file")
         raise FileNotFoundError(f"--lora {spec!r}: no file {path}; expected PATH[:WEIGHT] or PATH:TE:UNET")
     te = numbers[0] if numbers else 1.0
     unet = numbers[1] if len(numbers) > 1 else te

@@ -5,21 +5,20 @@
 Seeds are A1111's: image i of a batch uses seed + i, its initial noise drawn by a CPU generator, so
 a seed gives the same picture on every run on the same device (and the noise itself is the same on
 any device). Seed -1 picks a random one, which the infotext records.
+
+torch and diffusers are imported inside the functions, so `sdlora generate --help` is instant.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from sdlora import __version__
-from sdlora.extra_networks import LoraRef, parse_lora_arg, parse_prompt, resolve
+from sdlora.atomic import atomic_write
+from sdlora.errors import SdloraError
 from sdlora.infotext import PNG_KEY, build, lora_hashes_value
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, sampler_name
 
@@ -63,6 +62,8 @@ def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = ()
     """Images for `prompt` on `base` (a pipelines.BaseModel). `<lora:...>` tags in the prompt are
     looked up in `lora_dir` and applied with `loras` (explicit LoraRefs with paths).
     `on_step(done, total)` is called after each denoising step (the UI's progress bar)."""
+    import torch
+    from sdlora.extra_networks import parse_prompt, resolve
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
     sampler = sampler_name(sampler)
@@ -101,23 +102,26 @@ def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = ()
 
 
 def save_png(result: Generated, out_dir) -> Path:
-    """Write `NNNNN-SEED.png` (A1111's naming, numbers continuing the folder's) atomically."""
+    """Write `NNNNN-SEED.png` atomically, never over an existing file.
+
+    As A1111: the number continues the folder's highest (any digit count), and a name already taken
+    (a file or folder of that name) moves on to the next free number.
+    """
     from PIL.PngImagePlugin import PngInfo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m[1]) for p in out_dir.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
-    path = out_dir / f"{max(numbers, default=-1) + 1:05d}-{result.seed}.png"
     info = PngInfo()
     info.add_text(PNG_KEY, result.infotext)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            result.image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    numbers = [int(m[1]) for p in out_dir.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = out_dir / f"{n:05d}-{result.seed}.png"
+        try:
+            return atomic_write(path, lambda tmp: result.image.save(tmp, format="PNG", pnginfo=info), overwrite=False)
+        except (FileExistsError, SdloraError):
+            if not (path.exists() or path.is_symlink()):
+                raise
+            n += 1       # taken meanwhile (another run writing here): the next number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +138,14 @@ def add_arguments(parser, name: str = "generate") -> None:
     parser.add_argument("--loras", default=DEFAULT_LORA_DIR, metavar="DIR",
                         help=f"folder where <lora:NAME> tags are looked up (default: ./{DEFAULT_LORA_DIR})")
     parser.add_argument("--seed", type=int, default=-1, help="seed (-1: random); image i of a batch uses seed+i")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"denoising steps (default {DEFAULT_STEPS}); more steps take longer")
     parser.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
                         help=f"A1111 sampler name (default {DEFAULT_SAMPLER!r}); one of: {', '.join(SAMPLERS)}")
-    parser.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None, help="default: the model's native size (512 for SD1.x, 1024 for SDXL)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="default: the model's native size (512 for SD1.x, 1024 for SDXL)")
     parser.add_argument("--batch", type=int, default=1, help="images to generate (seeds seed, seed+1, ...)")
     parser.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: ./outputs)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -148,13 +154,17 @@ def add_arguments(parser, name: str = "generate") -> None:
 
 
 def run(args) -> int:
-    from diffusers.utils import logging as diffusers_logging
+    import torch
+    from sdlora.extra_networks import parse_lora_arg, parse_prompt, resolve
+    from sdlora.paths import check_output_dir
     from sdlora.pipelines import load_base
-    diffusers_logging.set_verbosity_error()
     sampler = sampler_name(args.sampler)          # validate everything before loading anything
     loras = [parse_lora_arg(s) for s in args.lora]
     _, tags = parse_prompt(args.prompt)
-    resolve(tags, args.loras)
+    from sdlora.formats import read_header
+    for ref in resolve(tags, args.loras) + loras:
+        read_header(ref.path)                     # a damaged LoRA fails now, not after the model loads
+    check_output_dir(args.out)                    # a bad --out fails now, not after generating
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     base = load_base(args.base, device=device, dtype=dtype)

@@ -12,9 +12,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from sdlora.formats import read_header, read_lora
-from sdlora.formats.detect import SD_FAMILIES
 from sdlora.hashes import lora_hashes
+
+FAMILIES = ("sd1", "sd2", "sdxl")  # --family choices (sdlora.formats, which needs torch, loads on use)
 
 DROPPED_METADATA = ("ssmd_cover_images",)
 TOP_TAGS = 10
@@ -75,6 +75,8 @@ def _spread(values) -> dict:
 
 def inspect_lora(path, *, family: str | None = None) -> dict:
     """Everything `sdlora inspect` shows, as a JSON-serialisable dict. Raises LoraFormatError for non-LoRAs."""
+    from sdlora.formats import read_header, read_lora
+    from sdlora.formats.detect import SD_FAMILIES
     path = Path(path)
     header = read_header(path)
     with warnings.catch_warnings():
@@ -146,7 +148,7 @@ def format_text(info: dict, width: int = 100) -> str:
 def add_arguments(parser, name=None):
     parser.add_argument("path", help="a LoRA file (.safetensors, or .pt/.ckpt with plain tensors)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    parser.add_argument("--family", choices=sorted(SD_FAMILIES), default=None,
+    parser.add_argument("--family", choices=FAMILIES, default=None,
                         help="check the file against this model family (default: detect it)")
 
 

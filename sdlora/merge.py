@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +36,9 @@ from safetensors.torch import save_file
 from sdlora.adapters import LoRA
 from sdlora.errors import SdloraError
 from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
-from sdlora.atomic import atomic_save_file, replace_dir
+from sdlora.atomic import as_oserror, atomic_save_file, clean_stale, replace_dir, temp_dir, umask
 from sdlora.formats.writer import lora_state_dict
+from sdlora.paths import explain_oserror, scan_tree
 from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
                            fused_weight, is_plain_lora, load_sources, lora_factors, plan)
 
@@ -57,6 +57,7 @@ class MixedLora:
     errors: dict[str, float] = field(default_factory=dict)   # component -> relative Frobenius error
     modules: dict[str, int] = field(default_factory=dict)    # component -> modules written
     dtype: torch.dtype = torch.float32                  # the inputs' common dtype (fp32 when mixed)
+    inputs: list = field(default_factory=list)          # the inputs' LoraFiles (for their metadata)
 
 
 def _as_lora(up: torch.Tensor, down: torch.Tensor, shape: tuple) -> LoRA:
@@ -111,7 +112,7 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
     dtypes = {t.dtype for lf in loras for ad in lf.patches.values() for t in ad.tensors.values()
               if isinstance(t, torch.Tensor) and t.is_floating_point()}
     out = MixedLora({}, family, "concat" if rank is None else "svd", rank,
-                    dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32)
+                    dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32, inputs=list(loras))
     sq_err: dict[str, float] = {}
     sq_norm: dict[str, float] = {}
     with torch.no_grad():
@@ -163,10 +164,9 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     alphas = {float(ad.alpha) for ad in mixed.patches.values()}
     dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
     alpha = f"{alphas.pop():g}" if len(alphas) == 1 else "Dynamic"
-    titles = []
-    for e in entries:
-        meta = getattr(e.source, "metadata", None) or {}
-        titles.append(meta.get("modelspec.title") or Path(e.name).stem)
+    inputs = [(e, getattr(lf, "metadata", None) or {}) for e, lf in
+              zip(entries, mixed.inputs or [e.source for e in entries])]
+    titles = [m.get("modelspec.title") or Path(e.name).stem for e, m in inputs]
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
@@ -191,7 +191,49 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
     if conv_ranks:
         conv = str(conv_ranks.pop()) if len(conv_ranks) == 1 else "Dynamic"
         meta["ss_network_args"] = json.dumps({"conv_dim": conv, "conv_alpha": alpha})
+    meta.update(_inherited(inputs, mixed))
     return meta
+
+
+# what the inputs say about their base model: kept when they all agree (a mix of LoRAs trained on
+# one model is still for that model); the family's generic value otherwise
+SHARED_KEYS = ("ss_sd_model_name", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_base_model_version",
+               "ss_v2", "ss_resolution", "modelspec.architecture", "modelspec.prediction_type",
+               "modelspec.resolution")
+
+
+def _inherited(inputs, mixed: MixedLora) -> dict[str, str]:
+    """Base-model keys the inputs agree on, and their trigger words and tag frequencies merged, so
+    a mix is listed with its triggers and base model like its inputs are. Inputs with no positive
+    multiplier are left out of the triggers (their style is removed, not added)."""
+    from sdlora.inspect import trigger_words
+    out = {}
+    for key in SHARED_KEYS:
+        values = {m.get(key) for _, m in inputs}
+        if len(values) == 1 and None not in values and values != {""}:
+            out[key] = values.pop()
+    words, tags = [], {}
+    for e, m in inputs:
+        if max(e.unet, e.text_encoder) <= 0:
+            continue
+        path = getattr(e.source, "path", None) or (Path(e.source) if isinstance(e.source, (str, os.PathLike)) else None)
+        found, _ = trigger_words(m, Path(path) if path else None)
+        words += [w for w in found if w not in words]
+        try:
+            freq = json.loads(m.get("ss_tag_frequency") or "{}")
+        except ValueError:
+            continue
+        for folder, counts in (freq.items() if isinstance(freq, dict) else ()):
+            if isinstance(counts, dict):
+                merged = tags.setdefault(str(folder), {})
+                for tag, n in counts.items():
+                    if isinstance(n, (int, float)):
+                        merged[str(tag)] = merged.get(str(tag), 0) + int(n)
+    if words:
+        out["modelspec.trigger_phrase"] = ", ".join(words)
+    if tags:
+        out["ss_tag_frequency"] = json.dumps(tags)
+    return out
 
 
 def save_mix(path, mixed: MixedLora, entries: list[MixEntry], *, dtype: torch.dtype | None = None,
@@ -269,16 +311,12 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
     """Write a copy of the diffusers folder `base` at `out` with the weighted LoRAs added to its weights.
 
     Returns the number of tensors patched per component. The folder appears at `out` only when
-    complete (built next to it, then renamed).
+    complete (built next to it, then renamed). Everything is checked before anything is written.
     """
     base, out = Path(base), Path(out)
     target = _folder_target(base)
-    if out.resolve() == base.resolve() or base.resolve() in out.resolve().parents:
-        raise SdloraError(f"output {out} is the base folder or inside it; write to a new folder")
-    if out.exists() and not overwrite:
-        raise SdloraError(f"{out} already exists; pass --overwrite to replace it, or pick another folder")
-    if not out.parent.is_dir():
-        raise SdloraError(f"cannot write {out}: folder {out.parent} does not exist")
+    dirs, files = scan_tree(base, "the base folder")
+    replacing = _check_out(base, out, overwrite, files)
     loras = load_sources(entries, target.family, target.configs, cache or DEFAULT_CACHE)
     recipes = plan(entries, loras, target.unet_config)
     where, shapes = _locate({p for lf in loras for p in lf.patches}, recipes, target, base)
@@ -287,9 +325,9 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
     # file -> {tensor name: recipe}; bias deltas need a bias tensor in the same file
     jobs: dict[Path, dict[str, tuple]] = {}
     for path, recipe in recipes.items():
-        name, files, bias_files = where[path]
+        name, found, bias_files = where[path]
         has_bias = bool(bias_deltas(torch.zeros(shapes[path][0]), recipe))
-        for f in files:
+        for f in found:
             jobs.setdefault(f, {})[name + ".weight"] = ("weight", recipe)
             if has_bias:
                 if f not in bias_files:
@@ -297,38 +335,76 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
                                       "it cannot be baked into this folder")
                 jobs[f][name + ".bias"] = ("bias", recipe)
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    clean_stale(out.parent, out.name, log=log)
     try:
-        skipped = _copy_tree(base, tmp, exclude=set(jobs), touched={f.parent for f in jobs})
-        counts: dict[str, int] = {}
-        for f, patches in jobs.items():
-            _patch_file(f, tmp / f.relative_to(base), patches, device)
-            comp = f.parent.name
-            counts[comp] = counts.get(comp, 0) + sum(1 for kind, _ in patches.values() if kind == "weight")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = temp_dir(out.parent, out.name)
+        try:
+            skipped = _copy_tree(base, tmp, dirs, files, exclude=set(jobs), touched={f.parent for f in jobs})
+            counts: dict[str, int] = {}
+            for f, patches in jobs.items():
+                _patch_file(f, tmp / f.relative_to(base), patches, device)
+                comp = f.parent.name
+                counts[comp] = counts.get(comp, 0) + sum(1 for kind, _ in patches.values() if kind == "weight")
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    except OSError as e:
+        raise SdloraError(f"cannot write {out}: {explain_oserror(e)}. Nothing was changed: "
+                          f"{'the old ' + str(out) + ' is still there' if replacing else 'no folder was created'}"
+                          ) from e
+    if replacing:
+        log(f"replaced {out} ({replacing})")
     for f in skipped:
         log(f"note: left out {f.relative_to(base)} (.bin weights of a component whose safetensors were changed)")
     return counts
 
 
-def _copy_tree(base: Path, dest: Path, exclude: set[Path], touched: set[Path]) -> list[Path]:
+def _check_out(base: Path, out: Path, overwrite: bool, files: list[Path]) -> str | None:
+    """Refuse an `out` whose replacement would lose data; returns what will be replaced, if anything."""
+    rb, ro = base.resolve(), out.resolve()
+    if ro == rb or rb in ro.parents:
+        raise SdloraError(f"output {out} is the base folder or inside it; write to a new folder")
+    if ro in rb.parents:
+        raise SdloraError(f"output {out} contains the base folder {base}; replacing it would delete the base "
+                          "model. Write to a new folder")
+    for f in files:
+        real = (base / f).resolve()
+        if real == ro or ro in real.parents:
+            raise SdloraError(f"the base folder's {f} is a link into {out}; replacing {out} would delete it. "
+                              "Write to a new folder")
+    if not out.parent.is_dir():
+        raise SdloraError(f"cannot write {out}: folder {out.parent} does not exist")
+    if not (out.exists() or out.is_symlink()):
+        return None
+    if not overwrite:
+        raise SdloraError(f"{out} already exists; pass --overwrite to replace it, or pick another folder")
+    if not out.is_dir():
+        raise SdloraError(f"{out} is a file, not a folder; --overwrite replaces only a model folder or an empty "
+                          "folder. Move the file or pick another output")
+    inside = sorted(p.name for p in out.iterdir())
+    if not inside:
+        return "an empty folder"
+    if (out / "model_index.json").is_file():
+        return f"a model folder of {len(inside)} entries"
+    raise SdloraError(f"{out} is not a model folder (no model_index.json) and holds {len(inside)} entries "
+                      f"(e.g. {', '.join(inside[:3])}); --overwrite replaces only a model folder or an empty "
+                      "folder, so nothing was touched. Pick another output folder")
+
+
+def _copy_tree(base: Path, dest: Path, dirs, files, exclude: set[Path], touched: set[Path]) -> list[Path]:
     """Copy every file (links followed) except `exclude`; stale .bin weights of touched components are left out."""
     skipped = []
-    for root, dirs, files in os.walk(base, followlinks=True):
-        dirs[:] = [d for d in dirs if d != ".git"]
-        root = Path(root)
-        (dest / root.relative_to(base)).mkdir(parents=True, exist_ok=True)
-        for name in files:
-            src = root / name
-            if src in exclude:
-                continue
-            if root in touched and name.endswith(".bin"):
-                skipped.append(src)
-                continue
-            shutil.copy2(src, dest / src.relative_to(base))
+    for d in dirs:
+        (dest / d).mkdir(exist_ok=True)
+    for rel in files:
+        src = base / rel
+        if src in exclude:
+            continue
+        if src.parent in touched and src.name.endswith(".bin"):
+            skipped.append(src)
+            continue
+        shutil.copyfile(src, dest / rel)     # a new file of the user's: umask modes, not the base's (often 0600)
     return skipped
 
 
@@ -344,47 +420,10 @@ def _patch_file(src: Path, dst: Path, patches: dict[str, tuple], device: str) ->
             else:
                 new = fused_bias(t.to(device), bias_deltas(t.to(device), recipe), t)
             tensors[key] = new.to(dtype=t.dtype, device="cpu")
-    save_file(tensors, str(dst), metadata=meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-def add_arguments(parser, name: str) -> None:
-    lora_help = ("a LoRA file and its weight (default 1.0; negative allowed), e.g. style.safetensors:0.7; "
-                 "repeat for several")
-    if name == "fuse":
-        parser.add_argument("base", help="diffusers pipeline folder (SD1.x, SD2.x or SDXL)")
-        parser.add_argument("out", help="folder to write (a complete diffusers pipeline)")
-        parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help=lora_help)
-        parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-        parser.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, ...); default cpu")
-    else:
-        parser.add_argument("out", help="LoRA file to write (.safetensors, kohya format)")
-        parser.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help=lora_help)
-        parser.add_argument("--rank", type=int, default=None,
-                            help="merge by SVD to this rank (default: exact, ranks concatenated; needed for "
-                                 "LoHa/LoKr/full inputs)")
-        parser.add_argument("--save-dtype", choices=sorted(DTYPES), default=None,
-                            help="dtype of the written tensors (default: the inputs' dtype, fp32 if they differ)")
-
-
-def run(args) -> int:
-    entries = [MixEntry.parse(spec) for spec in args.lora]
-    if args.command == "fuse":
-        counts = fuse(args.base, args.out, entries, overwrite=args.overwrite, device=args.device)
-        done = ", ".join(f"{c}: {n} weights" for c, n in counts.items()) or "nothing"
-        print(f"wrote {args.out} ({done} patched; everything else copied unchanged)")
-        return 0
-    out = Path(args.out)
-    mixed = mix_loras(entries, rank=args.rank)
-    save_mix(out, mixed, entries, dtype=DTYPES[args.save_dtype] if args.save_dtype else None)
-    total = sum(mixed.modules.values())
-    if mixed.method == "concat":
-        print(f"wrote {out}: exact merge (ranks concatenated), {total} modules")
-    else:
-        print(f"wrote {out}: SVD merge to rank {mixed.rank}, {total} modules; relative error "
-              "(‖sum − merged‖_F / ‖sum‖_F) per component:")
-        for comp, err in mixed.errors.items():
-            print(f"  {comp}: {err:.4g} ({mixed.modules[comp]} modules)")
-    return 0
+    try:
+        save_file(tensors, str(dst), metadata=meta)
+    except Exception as e:
+        if as_oserror(e) is e:
+            raise
+        raise as_oserror(e) from e         # disk full inside safetensors: reported as any OSError
+    os.chmod(dst, 0o666 & ~umask())        # safetensors writes 0600; the model folder gets normal modes

@@ -31,7 +31,7 @@ import torch
 
 from sdlora.adapters import LoRA
 from sdlora.blocks import BlockSpec, block_weight, parse_lbw
-from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
+from sdlora.errors import FamilyMismatchError, LoraFormatError, SdloraError, UnmatchedKeysError
 from sdlora.families import COMPONENTS, family_of_unet_config, get_family, live_path, load_config
 
 
@@ -114,11 +114,10 @@ class LoraCache:
         self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
 
     def get(self, path, family: str | None, configs: dict | None):
+        from sdlora.paths import check_input_file
+        check_input_file(path, "LoRA file")     # missing, a folder, a link loop: said before reading
         real = os.path.realpath(path)
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            raise SdloraError(f"LoRA file {path} not found; check the path") from None
+        st = os.stat(real)
         key = (real, st.st_size, st.st_mtime_ns, family, _digest(configs))
         if key in self._entries:
             self._entries.move_to_end(key)
@@ -209,6 +208,9 @@ def check_fit(entries: Sequence[MixEntry], loras: Sequence, shape_of: Callable[[
             raise SdloraError(f"{e.name} has {'/'.join(absent)} modules but the model has no {'/'.join(absent)}; "
                               "load a model with it or set that multiplier to 0")
         for path, ad in lora.patches.items():
+            problem = ad.shape_problem() if hasattr(ad, "shape_problem") else None
+            if problem:   # adapters built in code, not read from a file, are checked here
+                raise LoraFormatError(f"{e.name}: {path}: {problem}; nothing was changed")
             if path.partition(".")[0] not in components:
                 continue
             shape = shape_of(path)
@@ -382,30 +384,46 @@ class Mixer:
     def apply(self, entries: Sequence[MixEntry]) -> MixResult:
         """Make `entries` the active mix. Reads, validates, then patches only what changed.
 
-        Any error before patching leaves the model as it was; an error while patching restores
-        the base weights (and the mix becomes empty) before it propagates.
+        A call that fails leaves the model as it was: errors found before patching change nothing;
+        an error while patching (out of memory, Ctrl-C) puts every module it touched back to its
+        previous mix, recomputed from the base exactly as it was computed before.
         """
         entries = tuple(entries)
         loras = load_sources(entries, self.family, self.target.configs, self.cache)
         recipes = plan(entries, loras, self.target.unet_config)
         check_fit(entries, loras, self._shape, tuple(self.components), self.target.unet_config)
+        before = dict(self._recipes)
         updated, restored = [], []
         try:
             with torch.no_grad():
                 for path in [p for p in self._recipes if p not in recipes]:
-                    self._restore_module(path)
                     restored.append(path)
+                    self._restore_module(path)
                 for path, recipe in recipes.items():
                     if _recipe_key(self._recipes.get(path)) != _recipe_key(recipe):
-                        self._write(path, recipe)
                         updated.append(path)
+                        self._write(path, recipe)
                         self._recipes[path] = recipe
         except BaseException:
-            self.restore()
+            self._roll_back(before, restored + updated)
             raise
         self._recipes = dict(recipes)
         self._active = entries
         return MixResult(tuple(updated), tuple(restored))
+
+    def _roll_back(self, before: dict[str, Recipe], touched: list[str]) -> None:
+        """Put the modules in `touched` back to their recipes in `before` (base weights if none)."""
+        try:
+            with torch.no_grad():
+                for path in touched:
+                    if path in self._weights:
+                        self._restore_module(path)
+                    if path in before:
+                        self._write(path, before[path])
+            self._recipes = before
+        except BaseException:
+            self.restore()   # cannot rebuild the previous mix (e.g. out of memory again): the base at least
+            raise
 
     def restore(self) -> None:
         """Give every patched weight (and bias) back its base value, bit for bit."""

@@ -88,6 +88,9 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
             raise CheckpointError(f"the embedded model is missing at {spec}; reinstall sdlora or build it with "
                                   "the two commands in training/make_base_model.py")
     path = Path(spec).expanduser()
+    if path.is_symlink() and not path.exists():     # a broken link or a link loop: say which
+        from sdlora.paths import check_input_file
+        check_input_file(path, "base model")
     if path.is_dir():
         base = load_folder(path, dtype=dtype)
     elif path.is_file():
@@ -124,7 +127,9 @@ def load_folder(path: Path, *, dtype=torch.float32) -> BaseModel:
         raise CheckpointError(f"{path} is not a diffusers pipeline folder (no model_index.json); expected a "
                               "folder saved by diffusers' save_pretrained or a single checkpoint file")
     index = json.loads(index_file.read_text())
-    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_folder_kwargs(index))
+    from sdlora.paths import scan_tree
+    scan_tree(path, "the base model folder")      # link loops and broken links: one message, not a traceback
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **_folder_kwargs(index))
     return wrap_pipeline(pipe, name=path.name, source=str(path))
 
 
@@ -132,7 +137,7 @@ def load_hub(repo_id: str, *, dtype=torch.float32) -> BaseModel:
     """A hub id: the only case that may download."""
     from diffusers import DiffusionPipeline
     index = DiffusionPipeline.load_config(repo_id)
-    pipe = DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, **_folder_kwargs(index))
+    pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype, **_folder_kwargs(index))
     return wrap_pipeline(pipe, name=repo_id, source=repo_id)
 
 
@@ -158,12 +163,10 @@ def folder_hash(path: Path) -> str:
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state dict, safetensors metadata) of a checkpoint file; pickles only with weights_only=True."""
     if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from sdlora.formats.container import load_safetensors
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            return load_file(str(path)), meta
+            return load_safetensors(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path.name} is not a readable .safetensors file ({e}); the download may be "
                                   "incomplete: compare its size or hash with the source") from None
@@ -171,10 +174,11 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         zipped = zipfile.is_zipfile(path)
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as e:  # pickle.UnpicklingError for code-running pickles, others for junk
+        from sdlora.formats.container import pickle_refusal
         raise CheckpointError(
-            f"{path.name} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). sdlora never runs code stored in a pickle; if you trust the file, "
-            "convert it to .safetensors, or download the .safetensors version") from None
+            f"{path.name} could not be read as a weights-only PyTorch checkpoint: {pickle_refusal(e)}. sdlora "
+            "never runs code stored in a pickle; if you trust the file, convert it to .safetensors, or download "
+            "the .safetensors version") from None
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -257,15 +261,17 @@ def load_single_file(path: Path, *, dtype=torch.float32, config_root=CONFIG_DIR)
     family = detect_family(sd)
     sd = _fix_clip_prefix(sd)
     cfg = str(Path(config_root) / family)
-    common = dict(config=cfg, local_files_only=True, torch_dtype=dtype)
+    common = dict(config=cfg, local_files_only=True)
+    # diffusers models take `dtype` (`torch_dtype` is deprecated); its CLIP converter still takes torch_dtype
     try:
-        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", **common)
-        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", **common)
+        unet = UNet2DConditionModel.from_single_file(sd, subfolder="unet", dtype=dtype, **common)
+        vae = AutoencoderKL.from_single_file(sd, subfolder="vae", dtype=dtype, **common)
         te_cls = CLIPTextModel
-        parts = {"text_encoder": create_diffusers_clip_model_from_ldm(te_cls, sd, subfolder="text_encoder", **common)}
+        parts = {"text_encoder": create_diffusers_clip_model_from_ldm(te_cls, sd, subfolder="text_encoder",
+                                                                      torch_dtype=dtype, **common)}
         if family == "sdxl":
             parts["text_encoder_2"] = create_diffusers_clip_model_from_ldm(
-                CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", **common)
+                CLIPTextModelWithProjection, sd, subfolder="text_encoder_2", torch_dtype=dtype, **common)
     except (ValueError, RuntimeError, KeyError) as e:  # shape/key mismatches inside the converters
         raise CheckpointError(f"{path.name} looks like an {family} checkpoint but does not match its architecture "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); it may be a merge of another "

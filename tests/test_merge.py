@@ -280,9 +280,16 @@ def test_fuse_refuses_overwrite_and_fails_cleanly(tmp_path, capsys):
         fuse(tmp_path, tmp_path / "new", [MixEntry(a)])
     with pytest.raises(SdloraError, match="inside it"):
         fuse(base, base / "sub", [MixEntry(a)])
-    assert fuse(base, out, [MixEntry(a, unet=0.0)], overwrite=True) == {}      # a zero weight: plain copy
-    assert fuse(base, out, [MixEntry(a)], overwrite=True) == {"unet": 3}
-    assert not (out / "keep.txt").exists() and (out / "model_index.json").is_file()
+    # --overwrite replaces only an empty folder or a model folder, never a folder of other files
+    with pytest.raises(SdloraError, match="not a model folder.*keep.txt.*nothing was touched"):
+        fuse(base, out, [MixEntry(a)], overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    said = []
+    assert fuse(base, out, [MixEntry(a, unet=0.0)], overwrite=True, log=said.append) == {}  # zero weight: a copy
+    assert said == [f"replaced {out} (an empty folder)"]
+    assert fuse(base, out, [MixEntry(a)], overwrite=True, log=said.append) == {"unet": 3}
+    assert said[-1].startswith(f"replaced {out} (a model folder") and (out / "model_index.json").is_file()
     assert sorted(os.listdir(tmp_path)) == before
 
 
@@ -300,3 +307,150 @@ def test_fuse_finds_text_encoder_weights_saved_by_transformers_4(tmp_path):
     new = _tensors(tmp_path / "out" / "text_encoder" / "model.safetensors")
     for p in paths:
         assert torch.equal(new[p.partition(".")[2] + ".weight"], weight(comps, p)), p
+
+
+def _snapshot(folder):
+    """relative path -> bytes of every file under `folder` (what must survive a refused command)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def fuse_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuse")
+    base = pipeline_folder("sd1", root / "pristine")
+    comps = components("sd1")
+    a = write(root / "a.safetensors", random_lora(comps, attention_paths(comps)[:3]), "sd1")
+    return base, a
+
+
+def _copy_base(fuse_inputs, dest):
+    import shutil
+    shutil.copytree(fuse_inputs[0], dest)
+    return dest
+
+
+def test_fuse_never_deletes_the_base_or_what_contains_it(tmp_path, fuse_inputs, capsys):
+    models = tmp_path / "models"
+    base = _copy_base(fuse_inputs, models / "base")
+    (models / "notes.txt").write_text("unrelated")
+    (tmp_path / "link").symlink_to(models)
+    before = _snapshot(tmp_path)
+    a = fuse_inputs[1]
+    for out in (models, tmp_path / "link", tmp_path):          # OUT a parent of BASE, also through a link
+        assert cli.main(["fuse", str(base), str(out), "--lora", a, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sdlora: error: ") and "contains the base folder" in err and "Traceback" not in err
+    assert cli.main(["fuse", str(base), str(tmp_path / "link" / "base"), "--lora", a, "--overwrite"]) == 2
+    assert "is the base folder" in capsys.readouterr().err
+    # a base whose weights are links into OUT (hub-cache style): replacing OUT would delete them
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "model_index.json").symlink_to(base / "model_index.json")
+    for comp in ("unet", "text_encoder", "vae", "tokenizer", "scheduler"):
+        (linked / comp).symlink_to(base / comp)
+    before = _snapshot(tmp_path)
+    assert cli.main(["fuse", str(linked), str(models), "--lora", a, "--overwrite"]) == 2
+    assert "is a link into" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+
+
+def test_fuse_cleans_only_stale_temp_folders_of_its_output(tmp_path, fuse_inputs):
+    base, a = fuse_inputs
+    dead = 2 ** 22 + 12345
+    while True:                       # a pid that is not running
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            dead += 1
+    stale = tmp_path / f".out.{dead}-0123abcd.tmp"
+    live = tmp_path / f".out.{os.getpid()}-0123abcd.tmp"        # a run in progress (this process)
+    other = tmp_path / f".other.{dead}-0123abcd.tmp"            # another output's
+    legacy_old, legacy_new = tmp_path / ".out.ab_cd12x.tmp", tmp_path / ".out.zz_cd12x.tmp"  # mkdtemp names
+    for d in (stale, live, other, legacy_old, legacy_new):
+        d.mkdir()
+        (d / "part").write_text("x")
+    os.utime(legacy_old, (0, 0))
+    said = []
+    fuse(base, tmp_path / "out", [MixEntry(a)], log=said.append)
+    assert not stale.exists() and not legacy_old.exists()
+    assert live.exists() and other.exists() and legacy_new.exists()
+    assert sum("left over by an interrupted run" in s for s in said) == 2
+
+
+def test_fuse_disk_full_and_read_only_leave_nothing(tmp_path, fuse_inputs, monkeypatch, capsys):
+    import errno
+    import sdlora.merge as merge
+    base, a = fuse_inputs
+    out = tmp_path / "out"
+    fuse(base, out, [MixEntry(a, unet=0.0)])                   # an existing model folder to replace
+    before = _snapshot(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out))
+    monkeypatch.setattr(merge, "save_file", full)
+    assert cli.main(["fuse", str(base), str(out), "--lora", a, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device [ENOSPC]" in err and "the old" in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out"]
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
+    monkeypatch.setattr(merge, "temp_dir", read_only)
+    assert cli.main(["fuse", str(base), str(tmp_path / "new"), "--lora", a]) == 2
+    err = capsys.readouterr().err
+    assert "read-only [EROFS]" in err and "no folder was created" in err
+    assert _snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions, so chmod cannot make it read-only")
+def test_fuse_into_a_read_only_folder(tmp_path, fuse_inputs, capsys):
+    base, a = fuse_inputs
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert cli.main(["fuse", str(base), str(ro / "out"), "--lora", a]) == 2
+        assert "permission denied [EACCES]" in capsys.readouterr().err
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_fuse_refuses_symlink_loops_in_the_base(tmp_path, fuse_inputs, capsys):
+    a = fuse_inputs[1]
+    base = _copy_base(fuse_inputs, tmp_path / "base")
+    (base / "unet" / "again").symlink_to(base)                 # a folder loop: copying would never end
+    assert cli.main(["fuse", str(base), str(tmp_path / "out"), "--lora", a]) == 2
+    assert "symbolic link loop: it leads back to" in capsys.readouterr().err
+    (base / "unet" / "again").unlink()
+    loop = base / "vae" / "loop.json"
+    loop.symlink_to(loop)                                      # a file that is a link to itself
+    assert cli.main(["fuse", str(base), str(tmp_path / "out"), "--lora", a]) == 2
+    err = capsys.readouterr().err
+    assert "loop.json: a symbolic link loop" in err and "[ELOOP]" in err
+    assert sorted(os.listdir(tmp_path)) == ["base"]
+
+
+def test_mix_to_a_folder_or_a_full_disk(tmp_path, monkeypatch, capsys):
+    import errno
+    import safetensors.torch
+    ((f0, _), _), _ = _real_size_files(tmp_path)
+    folder = tmp_path / "taken.safetensors"
+    folder.mkdir()
+    assert cli.main(["mix", str(folder), "--lora", f0]) == 2
+    assert "is an existing folder; give a file name" in capsys.readouterr().err
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous mix")
+    before = _snapshot(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert cli.main(["mix", str(out), "--lora", f0]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device [ENOSPC]" in err and "out.safetensors is unchanged" in err
+    assert _snapshot(tmp_path) == before and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -338,3 +338,67 @@ def test_tiny_configs_are_what_the_mixer_reports():
             if k in want[comp]:
                 assert cfg[comp][k] == want[comp][k] or list(cfg[comp][k]) == list(want[comp][k])
     assert cfg["text_encoder_2"]["architectures"] == ["CLIPTextModelWithProjection"]
+
+
+class _Bomb(Adapter):
+    """Test-only adapter whose ΔW fails: a failure in the middle of patching (out of memory, Ctrl-C)."""
+    algorithm = "bomb"
+
+    def __init__(self, rows, exc):
+        super().__init__({"v": torch.ones(rows)})
+        self.exc = exc
+
+    def delta(self, weight):
+        raise self.exc
+
+    def target_shape_ok(self, shape):
+        return shape[0] == self.tensors["v"].shape[0]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("simulated out of memory"), KeyboardInterrupt()])
+@pytest.mark.parametrize("backup_device", ["cpu", None])
+def test_failure_while_patching_leaves_the_previous_mix(exc, backup_device):
+    comps = components("sd1")
+    paths = attention_paths(comps)
+    base = state(comps)
+    a = lora_file(random_lora(comps, paths[:30], seed=1), "sd1")
+    b = lora_file(random_lora(comps, paths[20:], seed=2), "sd1")
+    mixer = Mixer(comps, backup_device=backup_device)
+    first = (MixEntry(a, unet=0.5, text_encoder=0.5), MixEntry(b, unet=-0.3, text_encoder=0.3))
+    mixer.apply(first)
+    applied, patched = state(comps), mixer.patched
+    last = paths[25]                                   # reached after many modules were rewritten
+    bomb = lora_file({last: _Bomb(weight(comps, last).shape[0], exc)}, "sd1")
+    for entries in ([MixEntry(a, unet=0.9), MixEntry(bomb)],          # changes, then fails
+                    [MixEntry(bomb)],                                  # restores the others, then fails
+                    [MixEntry(b, unet=0.7), MixEntry(bomb), MixEntry(a)]):
+        with pytest.raises(type(exc)):
+            mixer.apply(entries)
+        now = state(comps)
+        assert all(torch.equal(applied[k], now[k]) for k in now)       # bit for bit the previous mix
+        assert mixer.active == first and mixer.patched == patched
+    assert mixer.apply(first).updated == ()                            # it knows what is applied
+    mixer.restore()
+    now = state(comps)
+    assert all(torch.equal(base[k], now[k]) for k in now)
+
+
+def test_adapters_with_inconsistent_shapes_are_refused_before_patching():
+    comps = components("sd1")
+    paths = attention_paths(comps)
+    good = lora_file(random_lora(comps, paths, seed=1), "sd1")
+    mixer = Mixer(comps)
+    mixer.apply([MixEntry(good, unet=0.5)])
+    applied = state(comps)
+    rows, cols = weight(comps, paths[3]).shape
+    cases = [
+        (LoRA(torch.ones(rows, 4), torch.ones(2, cols)), "lora_up .* has rank 4 but lora_down .* has rank 2"),
+        (LoRA(torch.ones(rows, 0), torch.ones(0, cols)), "rank 0"),
+        (LoRA(torch.ones(rows, 2, 3, 3), torch.ones(2, cols)), r"lora_up .* must be \[out, rank, 1, 1\]"),
+    ]
+    for ad, text in cases:
+        with pytest.raises(SdloraError, match=f"{paths[3]}: {text}.*nothing was changed"):
+            mixer.apply([MixEntry(good), MixEntry(lora_file({paths[3]: ad}, "sd1"))])
+        now = state(comps)
+        assert all(torch.equal(applied[k], now[k]) for k in now)
+        assert mixer.active == (MixEntry(good, unet=0.5),)

@@ -144,7 +144,8 @@ class TrainConfig:
                       choices=["auto", "cpu", "cuda"])
     # --- output ---
     output: str = opt("", "the LoRA file to write (.safetensors)", "output", aliases=("--out", "-o"))
-    base: str = opt("", "base model: a diffusers folder (default: the embedded tiny model)", "output")
+    base: str = opt("", ("base model: a diffusers folder, a single-file .safetensors/.ckpt checkpoint (SD1.x/SD2.x/SDXL) "
+                           "or a hub id owner/name (default: the embedded tiny model)"), "output")
     family: str = opt("auto", "expected base family (sd1, sd2, sdxl): a different base is an error", "output",
                       choices=["auto", "sd1", "sd2", "sdxl"])
     save_format: str = opt("kohya", "kohya (A1111/ComfyUI/Civitai) or diffusers key names", "output",

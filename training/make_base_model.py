@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdlora.atomic import replace_dir, temp_dir, umask
 from sdlora.families import CONFIG_DIR, load_config
 from sdlora.training import scenes as S
 
@@ -284,17 +284,23 @@ def save(pipe, out: Path, card: str) -> None:
     the fp16-rounded ones either way (round_fp16_)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=out.parent))
-    pipe.to(torch.float16)
-    pipe.text_encoder.to(torch.float32)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    pipe.to(torch.float32)
-    shutil.rmtree(tmp / "tokenizer")
-    shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
-    (tmp / "README.md").write_text(card)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    tmp = temp_dir(out.parent, out.name)    # umask modes (mkdtemp: 0700, and save_file's files 0600)
+    try:
+        pipe.to(torch.float16)
+        pipe.text_encoder.to(torch.float32)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        shutil.rmtree(tmp / "tokenizer")
+        shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
+        (tmp / "README.md").write_text(card)
+        mode = umask()
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mode)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def main(argv=None) -> int:

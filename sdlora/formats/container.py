@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from sdlora.errors import LoraFormatError
+from sdlora.paths import check_input_file
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".pth", ".bin")
@@ -54,8 +56,9 @@ def read_header(path) -> Header:
     `.pt/.ckpt` files have no separate header: they are loaded (weights_only) to describe them.
     """
     path = Path(path)
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise FileNotFoundError(f"no such LoRA file: {path}")
+    check_input_file(path, "LoRA file")      # a folder, a link loop, a device: said as such
     if path.suffix.lower() in PICKLE_SUFFIXES:
         state = load_pickle(path)
         return header_of_state_dict(state, path, container="pickle")
@@ -79,12 +82,26 @@ def read_header(path) -> Header:
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise LoraFormatError(f"{path}: not a safetensors file (its header is not valid JSON: {e})") from None
-    metadata = doc.pop("__metadata__", None) or {}
+    except RecursionError:   # json's C parser recurses per nesting level; a real header is 3 levels deep
+        raise LoraFormatError(f"{path}: damaged safetensors header: its JSON is nested thousands of levels deep "
+                              "(a real header has 3 levels). Re-download the file.") from None
+    metadata = doc.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LoraFormatError(f"{path}: damaged safetensors header: __metadata__ must be an object of text values "
+                              f"(safetensors' own rule), found {_describe(metadata)}. Re-download the file or "
+                              "re-save it with valid metadata.")
     tensors, data_end = {}, 0
     for name, info in doc.items():
         try:
-            tensors[name] = TensorInfo(str(info["dtype"]), tuple(int(s) for s in info["shape"]))
-            data_end = max(data_end, int(info["data_offsets"][1]))
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            if (not isinstance(info["dtype"], str) or not all(type(s) is int and s >= 0 for s in shape)
+                    or not all(type(o) is int for o in (begin, end)) or not 0 <= begin <= end):
+                raise ValueError
+            tensors[name] = TensorInfo(info["dtype"], shape)
+            data_end = max(data_end, end)
         except (KeyError, TypeError, ValueError, IndexError):
             raise LoraFormatError(f"{path}: damaged safetensors header (entry {name!r} has no valid "
                                   "dtype/shape/data_offsets)") from None
@@ -94,10 +111,34 @@ def read_header(path) -> Header:
     return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, n, size)
 
 
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        bad = next(k for k, v in value.items() if not isinstance(v, str))
+        return f"{bad!r} holding a JSON {_json_type(value[bad])}"
+    return f"a JSON {_json_type(value)}"
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null" if value is None else type(value).__name__)
+
+
 def header_of_state_dict(state: dict[str, torch.Tensor], path=None, metadata=None, container="state_dict") -> Header:
     tensors = {k: TensorInfo(_torch_dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
     size = path.stat().st_size if path is not None else 0
     return Header(Path(path) if path else None, tensors, dict(metadata or {}), 0, size, container)
+
+
+def pickle_refusal(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in our words: torch's own message is several
+    paragraphs with terminal colour codes, addressed to someone calling torch.load."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it stores a Python object ({m[1]}), not only tensors"
+    if "Unsupported operand" in text or type(e).__name__ == "UnpicklingError":
+        return "it stores Python objects, not only tensors"
+    return "it is not a PyTorch tensor file (unreadable or damaged)"
 
 
 def load_pickle(path) -> dict[str, torch.Tensor]:
@@ -105,12 +146,11 @@ def load_pickle(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for objects, RuntimeError/EOFError for junk
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # UnpicklingError for objects, RuntimeError/EOFError/KeyError for junk
         raise LoraFormatError(
-            f"{path}: refused to load this pickle file: it is not a plain tensor file loadable with "
-            f"torch.load(weights_only=True) ({first}). Pickles can run code, so only plain tensors are read; "
-            "convert the file to .safetensors with a tool you trust.") from None
+            f"{path}: refused to load this pickle file: {pickle_refusal(e)}. Pickles can run code, so only plain "
+            "tensors are read (torch.load with weights_only=True); convert the file to .safetensors with a tool "
+            "you trust.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
@@ -128,8 +168,34 @@ def load_tensors(path, header: Header | None = None) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return load_pickle(path)
     header = header or read_header(path)
-    from safetensors.torch import load_file
     try:
-        return load_file(os.fspath(path), device="cpu")
+        return load_safetensors(path)[0]
+    except OSError:
+        raise
     except Exception as e:
         raise LoraFormatError(f"{path}: damaged safetensors file ({e}); re-download it") from None
+
+
+def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on CPU, metadata) of a safetensors file, whatever bytes its name is made of.
+
+    safetensors takes a str path and refuses one that is not valid UTF-8 (a name from an old
+    Latin-1 archive, kept by Python as surrogate escapes); such files are read through Python.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load, load_file
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with open(path, "rb") as f:
+            data = f.read()
+        return load(data), _raw_metadata(data)
+    with safe_open(name, "pt") as f:
+        meta = f.metadata() or {}
+    return load_file(name, device="cpu"), meta
+
+
+def _raw_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}

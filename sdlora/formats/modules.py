@@ -16,9 +16,16 @@ MODIFIERS = {"alpha", "scale", "bias", "dora_scale", "magnitude"}
 SPARSE_PARTS = ("bias_indices", "bias_values", "bias_size")
 
 
-def scalar(t: torch.Tensor) -> float:
-    """A 0-dim (or 1-element) tensor as a float; BF16 works (`.float()` first)."""
-    return float(t.detach().float().reshape(-1)[0])
+def scalar(t: torch.Tensor, module: str = "", part: str = "value") -> float:
+    """A 0-dim (or 1-element) tensor as a float; BF16 works (`.float()` first). Anything else (empty,
+    several values, NaN) is a damaged file: guessing which value was meant would patch wrongly."""
+    if t.numel() != 1:
+        raise LoraFormatError(f"{module}: {part} must be a single number, found a tensor of shape {list(t.shape)} "
+                              f"({t.numel()} values); the file is damaged or was written by a broken tool")
+    value = float(t.detach().float().reshape(-1)[0])
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LoraFormatError(f"{module}: {part} is {value}, not a finite number; the file is damaged")
+    return value
 
 
 def _need(parts, module, names, algorithm):
@@ -48,8 +55,8 @@ def sparse_offset(module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
 def build_adapter(module: str, parts: dict[str, torch.Tensor], alpha: float | None = None) -> tuple[Adapter, set]:
     """(adapter, the parts it consumed). `alpha` is a fallback (diffusers metadata) when no `alpha` tensor."""
     if "alpha" in parts:
-        alpha = scalar(parts["alpha"])
-    scale = scalar(parts["scale"]) if "scale" in parts else None
+        alpha = scalar(parts["alpha"], module, "alpha")
+    scale = scalar(parts["scale"], module, "scale") if "scale" in parts else None
     offset = parts.get("bias")
     used = {"alpha"} & parts.keys()
     if any(p in parts for p in SPARSE_PARTS):
@@ -97,7 +104,7 @@ def build_adapter(module: str, parts: dict[str, torch.Tensor], alpha: float | No
         ad = OFT(parts["oft_blocks"], alpha=alpha, rescale=parts.get("rescale"))
         used |= {"oft_blocks", "rescale"} & parts.keys()
     elif "weight" in parts and "on_input" in parts:
-        ad = IA3(parts["weight"], bool(scalar(parts["on_input"])), scale_override=scale)
+        ad = IA3(parts["weight"], bool(scalar(parts["on_input"], module, "on_input")), scale_override=scale)
         used |= {"weight", "on_input"} | ({"scale"} & parts.keys())
     elif "diff" in parts or "diff_b" in parts:
         ad = Full(parts.get("diff"), parts.get("diff_b"))
@@ -117,4 +124,8 @@ def build_adapter(module: str, parts: dict[str, torch.Tensor], alpha: float | No
         axis = "out" if "magnitude" in parts else "auto"  # PEFT: always per output ([out] or [1, out, 1, 1])
         ad = DoRA(ad, parts.get("magnitude", parts.get("dora_scale")), axis=axis)
         used |= {"dora_scale", "magnitude"} & parts.keys()
+    problem = ad.shape_problem()
+    if problem:
+        raise LoraFormatError(f"{module}: {problem}. The file is damaged or was written by a broken tool; "
+                              "nothing was loaded")
     return ad, used

@@ -198,7 +198,10 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
         alpha = None
         if "alpha" not in parts and "down" in parts and adapter_md:
             alpha = _peft_alpha(adapter_md, cands[0], parts["down"].shape[0])
-        ad, used = build_adapter(name, parts, alpha)
+        try:
+            ad, used = build_adapter(name, parts, alpha)
+        except LoraFormatError as e:
+            raise LoraFormatError(f"{where}{e}") from None
         sparse += "bias_indices" in used
         unmatched.extend(k for p, k in mod.keys.items() if p not in used)
         fits = [c for c in cands if _fits(ad, table[c])]
