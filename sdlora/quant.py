@@ -169,30 +169,55 @@ def is_quantized(obj) -> bool:
     return any(isinstance(m, _Stored) for model in models if model is not None for m in model.modules())
 
 
+def _check(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise SdloraError(f"base precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision in ("int8", "nf4"):
+        _bnb()
+
+
+def quantize_module(mod: nn.Module, precision: str) -> nn.Module:
+    """The stored-`precision` twin of one plain Linear/Conv2d (`mod` itself for anything else, or
+    fp32); `mod`'s own weight is released."""
+    if precision == "fp32":
+        return mod
+    if type(mod) is nn.Linear:
+        cls = QuantLinear
+    elif type(mod) is nn.Conv2d and mod.padding_mode == "zeros":
+        cls = QuantConv2d
+    else:
+        return mod
+    if "forward" in mod.__dict__:
+        raise SdloraError(f"{mod} has a hooked forward (a LoRA is injected): quantize before injecting")
+    new = cls.from_module(mod, precision)
+    mod.weight = None              # free it now, not when the caller lets go of the module
+    return new
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). glibc keeps freed blocks below
+    its dynamic mmap threshold (up to 32 MiB: most layers' fp32 weights) in the heap, so without
+    this a quantized model's process keeps the size of the fp32 weights it dropped."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):     # not glibc (macOS, Windows, musl): nothing to do
+        pass
+
+
 def quantize(model: nn.Module, precision: str) -> int:
     """Replace every Linear/Conv2d of `model` by its stored-`precision` twin (same name); the
     number replaced. fp32 changes nothing. Each original weight is freed as soon as it is stored,
     so the peak is the model plus one layer."""
-    if precision not in PRECISIONS:
-        raise SdloraError(f"base precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return 0
-    if precision in ("int8", "nf4"):
-        _bnb()
+    _check(precision)
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                cls = QuantLinear
-            elif type(child) is nn.Conv2d and child.padding_mode == "zeros":
-                cls = QuantConv2d
-            else:
-                continue
-            if "forward" in child.__dict__:
-                raise SdloraError(f"{name} has a hooked forward (a LoRA is injected): quantize before injecting")
-            setattr(parent, name, cls.from_module(child, precision))
-            child.weight = None                  # free it now, not when the loop ends
-            n += 1
+            new = quantize_module(child, precision)
+            if new is not child:
+                setattr(parent, name, new)
+                n += 1
+    release_freed_memory()
     return n
 
 
