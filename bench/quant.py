@@ -43,7 +43,9 @@ def random_unet(precision: str):
     import torch
     from torch import nn
     from sdlora.families import build_unet, load_config
-    from sdlora.quant import quantize_module, release_freed_memory
+    from sdlora.quant import _mmap_large_blocks, quantize_module, release_freed_memory
+    if precision != "fp32":
+        _mmap_large_blocks()              # what sdlora.quant.quantize does for a stored base
     torch.manual_seed(0)
     unet = build_unet(load_config("sd1", "unet"), "meta")
     for parent in list(unet.modules()):
