@@ -280,3 +280,20 @@ def test_base_precision_is_one_option_for_train_and_generate():
         TrainConfig(base_precision="int4").validate()
     with pytest.raises(SdloraError, match="mixed precision"):
         quant.quantize_pipeline(tiny_pipeline("sd1"), "fp32", torch.bfloat16)
+
+
+def test_cli_generate_and_train_on_an_nf4_base(tmp_path, capsys):
+    from sdlora.cli import main
+    from sdlora.infotext import read_png
+    from trainkit import make_folder
+    data = make_folder(tmp_path / "data", n=2)
+    lora = tmp_path / "q.safetensors"
+    assert main(["train", str(data), "--out", str(lora), "--base-precision", "nf4", "--steps", "2", "--rank", "2",
+                 "--no-preview", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_base_precision"] == "nf4"
+    out = tmp_path / "img"
+    assert main(["generate", "a red circle", "--base-precision", "nf4", "--lora", f"{lora}:0.8", "--steps", "2",
+                 "--seed", "3", "--out", str(out)]) == 0
+    png = sorted(out.glob("*.png"))
+    assert len(png) == 1 and "Lora hashes" in read_png(png[0]).params
