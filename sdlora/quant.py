@@ -58,13 +58,21 @@ def resolve(precision: str | None, dtype: torch.dtype) -> str:
     return precision
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the op will run in: autocast's when it is on (no fp32 weight made only to be cast)."""
+    dev = x.device.type
+    if not hasattr(torch, "get_autocast_dtype"):      # torch < 2.4: the op's own casts do it
+        return x.dtype
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class _Frozen(torch.autograd.Function):
     """y = op(x, W) for a stored W; the backward rebuilds W instead of autograd keeping it."""
 
     @staticmethod
     def forward(ctx, x, mod):
         ctx.mod, ctx.x_shape, ctx.x_dtype = mod, x.shape, x.dtype
-        return mod._op(x, mod.dequantize(x.dtype))
+        return mod._op(x, mod.dequantize(_compute_dtype(x)))
 
     @staticmethod
     def backward(ctx, g):
@@ -121,7 +129,7 @@ class _Stored:
     def forward(self, x):
         if torch.is_grad_enabled() and x.requires_grad:
             return _Frozen.apply(x, self)
-        return self._op(x, self.dequantize(x.dtype))
+        return self._op(x, self.dequantize(_compute_dtype(x)))
 
     def _apply(self, fn, recurse=True):
         # a dtype cast (model.to(torch.float16)) would destroy the stored format: only device
@@ -244,6 +252,8 @@ def quantize_pipeline(pipe, precision: str | None, dtype: torch.dtype | None = N
     dtype = dtype or pipe.unet.dtype
     precision = resolve(precision, dtype)
     if is_quantized(pipe):
+        if getattr(pipe, "_sdlora_base_precision", None) == precision:
+            return precision                   # already stored so (a second training on one pipeline)
         raise SdloraError("this pipeline's base is already stored quantized; load it again for another precision")
     mixer = getattr(pipe, "_sdlora_mixer", None)
     if mixer is not None and mixer.patched:

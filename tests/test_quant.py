@@ -297,3 +297,23 @@ def test_cli_generate_and_train_on_an_nf4_base(tmp_path, capsys):
                  "--seed", "3", "--out", str(out)]) == 0
     png = sorted(out.glob("*.png"))
     assert len(png) == 1 and "Lora hashes" in read_png(png[0]).params
+
+
+def test_autocast_dequantizes_straight_to_the_autocast_dtype_and_matches_the_dequantized_layer():
+    lin, conv = _layers()
+    for mod, x in ((lin, torch.randn(4, 96)), (conv, torch.randn(2, 32, 8, 8))):
+        q = quant.quantize_module(copy.deepcopy(mod), "nf4")
+        ref = copy.deepcopy(q)
+        plain = torch.nn.Sequential(ref)
+        quant.dequantize_(plain)
+        xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, yr = q(xg), plain(xr)
+        assert y.dtype == yr.dtype == torch.bfloat16
+        torch.testing.assert_close(y, yr, rtol=0, atol=0)
+        y.float().square().sum().backward()
+        yr.float().square().sum().backward()
+        assert xg.grad.dtype == torch.float32
+        # the backward runs in bf16 in both, the ops in another order: a few bf16 ulps (2^-8)
+        ulps = 4 * 2.0 ** -8
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=ulps, atol=ulps * float(xr.grad.abs().max()))
