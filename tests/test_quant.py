@@ -317,3 +317,21 @@ def test_autocast_dequantizes_straight_to_the_autocast_dtype_and_matches_the_deq
         # the backward runs in bf16 in both, the ops in another order: a few bf16 ulps (2^-8)
         ulps = 4 * 2.0 ** -8
         torch.testing.assert_close(xg.grad, xr.grad, rtol=ulps, atol=ulps * float(xr.grad.abs().max()))
+
+
+@pytest.mark.slow
+def test_realsize_sd15_unet_stored_as_nf4_holds_half_a_byte_per_weight_plus_block_scales():
+    """Every Linear/Conv2d of a real-size SD1.5 UNet is stored; its bytes are NF4's 4 bits per
+    weight + one fp32 absmax per 64 (counted from the meta model's shapes, independently)."""
+    from sdlora.families import build_unet, load_config
+    meta = build_unet(load_config("sd1", "unet"), "meta")
+    shapes = {n: m.weight.numel() for n, m in meta.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)}
+    unet = build_unet(load_config("sd1", "unet"), "cpu")
+    assert quant.quantize(unet, "nf4") == len(shapes)
+    stored = dict(unet.named_modules())
+    for n, numel in shapes.items():
+        m = stored[n]
+        assert m.weight.numel() * m.weight.element_size() == (numel + 1) // 2
+        assert m.weight_scale.numel() == -(-numel // 64)
+    total = sum(b.numel() * b.element_size() for b in unet.buffers())
+    assert total == sum((k + 1) // 2 + 4 * -(-k // 64) for k in shapes.values())
