@@ -15,7 +15,9 @@ def redness(image, style_dir):
     return float(a[..., 0].mean() - a[..., 1:].mean())
 
 
-def test_evaluate_scores_base_and_lora_on_held_out_prompts(tmp_path):
+def test_evaluate_scores_base_and_lora_on_held_out_prompts(tmp_path, monkeypatch):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")                    # nothing may land in the caller's folder
     style = make_folder(tmp_path / "style", n=4)          # captions "a red square, noise", ...
     prompts = ["a red square", "a large red circle on a white background", "a blue square on a yellow background"]
     report = E.evaluate(style, metric=redness, colour_metric=lambda im, c: c == "red", base=tiny_pipeline("sd1"),
@@ -27,5 +29,6 @@ def test_evaluate_scores_base_and_lora_on_held_out_prompts(tmp_path):
     assert report.base_scores[2] == pytest.approx(again)     # seed-major order, scores of the saved images
     assert report.colour_followed == [True, False, True, False]
     assert (tmp_path / "eval" / "report.json").exists() and "style metric" in report.summary()
+    assert list((tmp_path / "cwd").iterdir()) == [] and (tmp_path / "eval" / "checkpoints").is_dir()
     with pytest.raises(SdloraError, match="every evaluation prompt"):
         E.evaluate(style, metric=redness, base=tiny_pipeline("sd1"), prompts=["a red square"], out_dir=tmp_path / "e2")

@@ -118,7 +118,9 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     if not kept:
         raise SdloraError("every evaluation prompt appears in the style captions; pass other --prompts")
     full = [f"{prompt_prefix}{p}" for p in kept]
-    cfg = build_config(preset=preset, overrides=dict(overrides or {}, data_dir=str(style_dir),
+    # checkpoints beside the evaluation's images, not in ./checkpoints of whoever runs it
+    cfg = build_config(preset=preset, overrides=dict({"checkpoint_dir": str(out_dir / "checkpoints")}, **(overrides or {}),
+                                                     data_dir=str(style_dir),
                                                      output=str(out_dir / "style-lora.safetensors")))
     pipe = base if base is not None else load_base(cfg.base).pipe
     size = size or cfg.resolution
