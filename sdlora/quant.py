@@ -367,9 +367,13 @@ class RoutedLoras:
         from sdlora.mixing import bias_deltas, fused_weight, is_plain_lora, lora_factors
         dev = mod.weight.device
         conv = isinstance(mod, nn.Conv2d)
-        low_rank, dense = [], [(ad, s) for ad, s in recipe if not (ad.additive and is_plain_lora(ad))]
-        for ad, s in recipe:
-            if ad.additive and is_plain_lora(ad):
+        # a non-additive adapter (DoRA, OFT) acts on W0 + every additive update: then the whole
+        # recipe is one ΔW, as the Mixer computes it
+        whole = any(not ad.additive for ad, _ in recipe)
+        low_rank = []
+        dense = list(recipe) if whole else [(ad, s) for ad, s in recipe if not is_plain_lora(ad)]
+        for ad, s in ([] if whole else recipe):
+            if is_plain_lora(ad):
                 up, down = lora_factors(ad, dev)          # ΔW = scale·up @ down
                 up = up * (s * ad.scale)
                 if conv:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora import quant
-from sdlora.adapters import LoHa
+from sdlora.adapters import DoRA, LoHa
 from sdlora.errors import SdloraError
 from sdlora.mixing import MixEntry, Mixer
 from sdlora.network import LoRANetwork, NetworkSpec
@@ -181,7 +181,7 @@ def test_resume_on_an_nf4_base_equals_the_uninterrupted_run(tmp_path):
 
 
 def _mix(pipe):
-    """A plain LoRA on attention + text encoder and a LoHa on two UNet projections (in memory)."""
+    """A plain LoRA on attention + text encoder, a LoHa on two UNet projections and a DoRA (in memory)."""
     comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     paths = attention_paths(comps)
     g = torch.Generator().manual_seed(3)
@@ -190,8 +190,12 @@ def _mix(pipe):
         w = comps["unet"].get_submodule(p.partition(".")[2])
         o, i = w.out_features, w.in_features
         loha[p] = LoHa(*(torch.randn(s, generator=g) * 0.1 for s in ((o, 2), (2, i), (o, 2), (2, i))), alpha=2.0)
+    # a DoRA on a module the plain LoRA also adapts: it rescales W0 + both additive updates
+    p = [q for q in paths if q.startswith("unet.")][0]
+    o = comps["unet"].get_submodule(p.partition(".")[2]).out_features
+    dora = {p: DoRA(random_lora(comps, [p], seed=4)[p], torch.rand(o, generator=g) + 0.5)}
     return [MixEntry(lora_file(random_lora(comps, paths, seed=1), "sd1"), unet=0.8, text_encoder=0.6),
-            MixEntry(lora_file(loha, "sd1"), unet=-0.7)]
+            MixEntry(lora_file(loha, "sd1"), unet=-0.7), MixEntry(lora_file(dora, "sd1"), unet=0.5)]
 
 
 def test_generation_on_nf4_base_with_loras_equals_dequantized_base_with_patched_loras(tmp_path):
@@ -210,7 +214,7 @@ def test_generation_on_nf4_base_with_loras_equals_dequantized_base_with_patched_
     ref = copy.deepcopy(nf4)
     quant.dequantize_(ref.unet)
     quant.dequantize_(ref.text_encoder)
-    # a LoRA + a LoHa (in memory), strengths -0.7..0.8, through the router's own API
+    # a LoRA + a LoHa + a DoRA (in memory), strengths -0.7..0.8, through the router's own API
     mix = _mix(ref)
     mixer = Mixer(ref)
     mixer.apply(mix)
