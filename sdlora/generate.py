@@ -160,7 +160,8 @@ def add_base_precision_argument(parser) -> None:
     import dataclasses
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == "base_precision")
     parser.add_argument("--base-precision", default=f.default, choices=f.metadata["choices"],
-                        help=f.metadata["help"].replace("LoRA weights stay fp32", "LoRAs are routed, never patched in")
+                        help=f.metadata["help"].replace("the mixed-precision dtype", "--dtype")
+                        .replace("LoRA weights stay fp32", "LoRAs are routed, never patched in")
                         + f" [default: {f.default}]")
 
 
