@@ -23,6 +23,10 @@ Norms, embeddings and the VAE stay as they are (small, and sensitive). The store
 never written: LoRAs are trained through hooks (sdlora.network) and applied at generation through
 `RoutedLoras` (a forward hook adding the LoRA's update to the module output) — never by patching.
 `fuse` needs a full-precision base.
+
+Process-wide side effect (CPU, glibc): storing a base sets a fixed 1 MiB mmap threshold, so the
+weight-sized temporaries of every dequantize go back to the OS when freed instead of fragmenting
+the heap (see `_mmap_large_blocks`).
 """
 from __future__ import annotations
 
