@@ -34,8 +34,14 @@ class Generated:
 
 
 def apply_loras(pipe, loras: list[LoraRef]) -> None:
-    """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights)."""
+    """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights).
+    On a quantized base the LoRAs are routed (hooks adding their updates), never patched."""
     from sdlora.mixing import MixEntry, Mixer
+    from sdlora.quant import RoutedLoras, is_quantized
+    if is_quantized(pipe):
+        RoutedLoras.for_pipe(pipe).apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks)
+                                          for r in loras])
+        return
     mixer = getattr(pipe, "_sdlora_mixer", None)
     if mixer is None:
         mixer = Mixer(pipe)
@@ -151,6 +157,18 @@ def add_arguments(parser, name: str = "generate") -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float16 on CUDA, float32 on CPU")
+    add_base_precision_argument(parser)
+
+
+def add_base_precision_argument(parser) -> None:
+    """--base-precision, with the choices and help text of the training option of the same name."""
+    from sdlora.training.config import TrainConfig
+    import dataclasses
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == "base_precision")
+    parser.add_argument("--base-precision", default=f.default, choices=f.metadata["choices"],
+                        help=f.metadata["help"].replace("the mixed-precision dtype", "--dtype")
+                        .replace("LoRA weights stay fp32", "LoRAs are routed, never patched in")
+                        + f" [default: {f.default}]")
 
 
 def run(args) -> int:
@@ -167,7 +185,7 @@ def run(args) -> int:
     check_output_dir(args.out)                    # a bad --out fails now, not after generating
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
-    base = load_base(args.base, device=device, dtype=dtype)
+    base = load_base(args.base, device=device, dtype=dtype, base_precision=args.base_precision)
     results = generate(base, args.prompt, negative=args.negative, loras=loras, seed=args.seed, steps=args.steps,
                        cfg=args.cfg, sampler=sampler, width=args.width, height=args.height, batch=args.batch,
                        lora_dir=args.loras)

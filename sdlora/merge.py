@@ -320,6 +320,7 @@ def fuse(base, out, entries: list[MixEntry], *, overwrite: bool = False, device:
     loras = load_sources(entries, target.family, target.configs, cache or DEFAULT_CACHE)
     recipes = plan(entries, loras, target.unet_config)
     where, shapes = _locate({p for lf in loras for p in lf.patches}, recipes, target, base)
+    _refuse_quantized(where)
     check_fit(entries, loras, shapes.get, tuple(target.configs), target.unet_config)
 
     # file -> {tensor name: recipe}; bias deltas need a bias tensor in the same file
@@ -390,6 +391,21 @@ def _check_out(base: Path, out: Path, overwrite: bool, files: list[Path]) -> str
     raise SdloraError(f"{out} is not a model folder (no model_index.json) and holds {len(inside)} entries "
                       f"(e.g. {', '.join(inside[:3])}); --overwrite replaces only a model folder or an empty "
                       "folder, so nothing was touched. Pick another output folder")
+
+
+def _refuse_quantized(where) -> None:
+    """fuse adds ΔW to the stored weights: a quantized folder (int8/uint8/fp8 tensors) has none."""
+    for path, (name, files, _) in where.items():
+        for f in files:
+            with safe_open(str(f), "pt") as sf:
+                if name + ".weight" not in sf.keys():
+                    continue
+                dtype = sf.get_slice(name + ".weight").get_dtype()
+            if dtype not in ("F32", "F16", "BF16", "F64"):
+                raise SdloraError(f"fuse needs a full-precision base: {path} is stored as {dtype} in {f.name} "
+                                  "(a quantized model); fuse into the fp32/fp16/bf16 folder and quantize when "
+                                  "loading (--base-precision)")
+
 
 
 def _copy_tree(base: Path, dest: Path, dirs, files, exclude: set[Path], touched: set[Path]) -> list[Path]:

@@ -338,6 +338,10 @@ class Mixer:
     def __init__(self, pipe_or_components, *, family: str | None = None, cache: LoraCache | None = None,
                  backup_device: str | torch.device | None = "cpu"):
         self.components = _components(pipe_or_components)
+        from sdlora.quant import is_quantized
+        if any(is_quantized(m) for m in self.components.values()):
+            raise SdloraError("this base is stored quantized (--base-precision): its weights cannot be patched; "
+                              "LoRAs go through sdlora.quant.RoutedLoras (what generate does)")
         if family is None:
             if "unet" not in self.components:
                 raise SdloraError("no unet to tell the model family from; pass family='sd1'|'sd2'|'sdxl'")

@@ -77,10 +77,13 @@ class BaseModel:
         return self._hash
 
 
-def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFIG_DIR) -> BaseModel:
+def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFIG_DIR,
+              base_precision: str | None = None) -> BaseModel:
     """The base model named by `spec` (None: the embedded tiny model) on `device` in `dtype`.
 
     `config_root` holds one config folder per family (default: the shipped real-size configs).
+    `base_precision` (sdlora.quant: fp8, int8, nf4, ...) stores the UNet/text-encoder weights that
+    way, quantized where loaded, before the move to `device`; None/"auto": as `dtype`.
     """
     if spec is None:
         spec = EMBEDDED_MODEL
@@ -100,6 +103,9 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
     else:
         raise FileNotFoundError(f"base model {str(spec)!r} not found: expected a diffusers folder, a "
                                 f"{'/'.join(CHECKPOINT_EXTS)} checkpoint file or a hub id like 'owner/name'")
+    if base_precision not in (None, "", "auto"):
+        from sdlora.quant import quantize_pipeline
+        quantize_pipeline(base.pipe, base_precision, dtype)
     base.pipe.to(device)
     return base
 

@@ -43,7 +43,7 @@ def modelspec_architecture(family: str, v_prediction: bool) -> str:
 
 def build_metadata(*, cfg, family: str, prediction_type: str, base_name: str, plan, optimizer_desc: str,
                    step: int, epoch: int, started_at: float, finished_at: float | None, session_id: int | None = None,
-                   output_name: str) -> dict[str, str]:
+                   output_name: str, base_precision: str = "") -> dict[str, str]:
     """Every metadata key of the LoRA file except the hashes (strings only, as safetensors wants)."""
     v = prediction_type == "v_prediction"
     res = cfg.resolution
@@ -76,6 +76,9 @@ def build_metadata(*, cfg, family: str, prediction_type: str, base_name: str, pl
         "ss_gradient_accumulation_steps": str(cfg.grad_accum),
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
         "ss_mixed_precision": cfg.mixed_precision,
+        # how the frozen base was stored while training (kohya writes ss_fp8_base for its --fp8_base)
+        "ss_base_precision": base_precision or "fp32",
+        "ss_fp8_base": str(base_precision == "fp8"),
         "ss_full_fp16": "False",
         "ss_seed": str(cfg.seed),
         "ss_resolution": str((res, res)),

@@ -43,6 +43,7 @@ from sdlora.training import checkpoint as ckpt
 from sdlora.training import dataset as ds
 from sdlora.training import loss as L
 from sdlora.pipelines import BaseModel
+from sdlora.quant import quantize_pipeline
 from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
@@ -60,7 +61,8 @@ NETWORK_KEYS = ("rank", "alpha", "unet_targets", "conv_rank", "conv_alpha", "tra
 STREAM_KEYS = ("seed", "batch_size", "grad_accum", "resolution", "buckets", "bucket_step", "min_bucket_reso",
                "max_bucket_reso", "repeats", "random_flip", "crop", "shuffle_caption", "keep_tokens",
                "caption_dropout", "unet_lr", "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps",
-               "min_snr_gamma", "noise_offset", "prediction_type", "prior_loss_weight", "dropout")
+               "min_snr_gamma", "noise_offset", "prediction_type", "prior_loss_weight", "dropout",
+               "base_precision")
 
 
 class TrainingError(SdloraError):
@@ -277,6 +279,9 @@ class Trainer:
     def _place_models(self) -> None:
         pipe, dev, dt = self.base.pipe, self.accel.device, self.weight_dtype
         pipe.unet.set_attn_processor(sdpa_processor())        # SDPA (torch's fused attention)
+        # the frozen base is stored first, where it was loaded: a quantized base never needs its
+        # full-precision copy on the accelerator (the dtype cast below leaves stored weights alone)
+        self.base_precision = quantize_pipeline(pipe, self.cfg.base_precision, dt)
         for comp in ["unet", "vae", *self.base.text_encoders]:
             m = getattr(pipe, comp).to(dev)
             if m.dtype != dt:        # (diffusers warns on any dtype cast, even a no-op one)
@@ -585,7 +590,7 @@ class Trainer:
         return build_metadata(cfg=self.cfg, family=self.family, prediction_type=self.prediction_type,
                               base_name=self.base.name, plan=self.plan, optimizer_desc=self.optimizer_desc,
                               step=self.step, epoch=getattr(self, "epoch", 0) + 1, started_at=started,
-                              finished_at=finished, output_name=self.name)
+                              finished_at=finished, output_name=self.name, base_precision=self.base_precision)
 
     def _save_checkpoint(self) -> None:
         if not self.main:

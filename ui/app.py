@@ -120,6 +120,8 @@ def add_arguments(parser, name: str = "ui") -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="dtype of the generation model (default: float16 on CUDA, float32 on CPU)")
+    from sdlora.generate import add_base_precision_argument
+    add_base_precision_argument(parser)
 
 
 def run(args) -> int:
@@ -132,7 +134,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     auth = parse_auth(args.auth)
     ctx = UiContext(base=args.base, loras=args.loras, outputs=args.outputs, data_roots=args.data_root,
-                    device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+                    device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                    base_precision=args.base_precision)
     print(f"loading the base model {args.base or '(embedded tiny model)'} ...", flush=True)
     print(f"base model: {ctx.describe_base()}", flush=True)
     demo = build_app(ctx)

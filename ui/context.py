@@ -20,8 +20,9 @@ class UiContext:
     """One per server. Per-browser-tab state is NOT kept here (it lives in the page's components)."""
 
     def __init__(self, *, base: str | None = None, loras="loras", outputs="outputs", data_roots=(),
-                 device: str | None = None, dtype: torch.dtype | None = None):
+                 device: str | None = None, dtype: torch.dtype | None = None, base_precision: str = "auto"):
         self.base_spec = base or None
+        self.base_precision = base_precision       # of the generation model (sdlora.quant)
         self.loras_dir = Path(loras).expanduser().resolve()
         self.outputs_dir = Path(outputs).expanduser().resolve()
         self.loras_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,8 @@ class UiContext:
         with self._base_lock:
             if self._base is None:
                 from sdlora.pipelines import load_base
-                self._base = load_base(self.base_spec, device=self.device, dtype=self.dtype)
+                self._base = load_base(self.base_spec, device=self.device, dtype=self.dtype,
+                                       base_precision=self.base_precision)
                 log.info("base model %s (%s) on %s", self._base.name, self._base.family, self.device)
             return self._base
 
@@ -57,7 +59,9 @@ class UiContext:
 
     def describe_base(self) -> str:
         b = self.base
-        return f"{b.name} ({get_family(b.family).label}, {self.device}, {str(self.dtype).replace('torch.', '')})"
+        stored = getattr(b.pipe, "_sdlora_base_precision", None)
+        dtype = str(self.dtype).replace('torch.', '') + (f", base stored {stored}" if stored else "")
+        return f"{b.name} ({get_family(b.family).label}, {self.device}, {dtype})"
 
     def component_configs(self) -> dict:
         """The loaded model's component configs: mixes are checked against its real shapes."""
