@@ -1,6 +1,7 @@
 """Optimizers and LR schedules: fallbacks, clear errors, schedule shapes."""
 import importlib.util
 import math
+import sys
 
 import pytest
 import torch
@@ -14,12 +15,19 @@ def _groups():
     return [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-3}]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
-def test_adamw8bit_falls_back_to_adamw_with_a_warning():
+def test_adamw8bit_falls_back_to_adamw_with_a_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)      # as if it were not installed
     seen = []
     opt, desc = build_optimizer("adamw8bit", _groups(), TrainConfig(), warn=seen.append)
     assert isinstance(opt, torch.optim.AdamW) and desc.startswith("torch.optim.adamw.AdamW")
     assert len(seen) == 1 and "AdamW8bit is not available" in seen[0]
+
+
+def test_adamw8bit_is_bitsandbytes_when_installed():
+    pytest.importorskip("bitsandbytes")         # a test dependency (pyproject [test]); skipped only outside it
+    seen = []
+    opt, desc = build_optimizer("adamw8bit", _groups(), TrainConfig(), warn=seen.append)
+    assert type(opt).__name__ == "AdamW8bit" and desc.startswith("bitsandbytes.optim.AdamW8bit") and seen == []
 
 
 def test_prodigy_needs_its_package():
