@@ -211,13 +211,18 @@ def test_file_cache_reads_each_file_once(tmp_path):
     assert small.reads == 3
 
 
-def test_failed_apply_leaves_weights_untouched(tmp_path):
+def _sd1_with_a_mix():
+    """A tiny SD1 with one LoRA applied at UNet 0.5: (components, paths, file, mixer, its state)."""
     comps = components("sd1")
     paths = attention_paths(comps)
     good = lora_file(random_lora(comps, paths, seed=1), "sd1")
     mixer = Mixer(comps)
     mixer.apply([MixEntry(good, unet=0.5)])
-    applied = state(comps)
+    return comps, paths, good, mixer, state(comps)
+
+
+def test_failed_apply_leaves_weights_untouched(tmp_path):
+    comps, paths, good, mixer, applied = _sd1_with_a_mix()
     xl = components("sdxl")
     xl_file = write(tmp_path / "xl.safetensors", random_lora(xl, attention_paths(xl)[:4]), "sdxl")
     bad_shape = {paths[0]: LoRA(torch.ones(7, 2), torch.ones(2, 5))}
@@ -384,12 +389,7 @@ def test_failure_while_patching_leaves_the_previous_mix(exc, backup_device):
 
 
 def test_adapters_with_inconsistent_shapes_are_refused_before_patching():
-    comps = components("sd1")
-    paths = attention_paths(comps)
-    good = lora_file(random_lora(comps, paths, seed=1), "sd1")
-    mixer = Mixer(comps)
-    mixer.apply([MixEntry(good, unet=0.5)])
-    applied = state(comps)
+    comps, paths, good, mixer, applied = _sd1_with_a_mix()
     rows, cols = weight(comps, paths[3]).shape
     cases = [
         (LoRA(torch.ones(rows, 4), torch.ones(2, cols)), "lora_up .* has rank 4 but lora_down .* has rank 2"),
