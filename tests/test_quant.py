@@ -14,10 +14,10 @@ from sdlora.adapters import DoRA, LoHa
 from sdlora.errors import SdloraError
 from sdlora.mixing import MixEntry, Mixer
 from sdlora.network import LoRANetwork, NetworkSpec
-from sdlora.training import TrainingCallbacks, train
+from sdlora.training import train
 from mix_helpers import attention_paths, lora_file, random_lora
 from tinypipe import probe_inputs, probe_outputs, tiny_pipeline
-from trainkit import tiny_cfg
+from trainkit import ctrl_c_at, tiny_cfg
 
 BF = pytest.importorskip("bitsandbytes.functional")
 
@@ -165,13 +165,8 @@ def test_resume_on_an_nf4_base_equals_the_uninterrupted_run(tmp_path):
     opts = dict(steps=4, base_precision="nf4", train_text_encoder=True, lr_scheduler="cosine")
     full = train(tiny_cfg(tmp_path, "full", **opts), base=tiny_pipeline("sd1"))
 
-    class CtrlC(TrainingCallbacks):
-        def on_progress(self, p):
-            if p.step == 2:
-                raise KeyboardInterrupt
-
     cfg = tiny_cfg(tmp_path, "cut", **opts)
-    cut = train(cfg, callbacks=CtrlC(), base=tiny_pipeline("sd1"))
+    cut = train(cfg, callbacks=ctrl_c_at(2), base=tiny_pipeline("sd1"))
     assert cut.status == "interrupted" and cut.step == 2
     assert json.loads((cut.checkpoint / "state.json").read_text())["config"]["base_precision"] == "nf4"
     resumed = train(cfg.replace(resume=str(cut.checkpoint.parent)), base=tiny_pipeline("sd1"))

@@ -17,7 +17,7 @@ from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.mixing import MixEntry, Mixer
 from sdlora.training import Trainer, TrainingCallbacks, TrainingControl, TrainingError, train
 from tinypipe import probe_outputs, tiny_pipeline
-from trainkit import make_folder, tiny_cfg
+from trainkit import ctrl_c_at, make_folder, tiny_cfg
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -72,13 +72,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     full = train(tiny_cfg(tmp_path, "full", **RESUME_OPTS), base=tiny_pipeline("sd1"))
     assert full.status == "done"
 
-    class CtrlC(TrainingCallbacks):
-        def on_progress(self, p):
-            if p.step == 3:
-                raise KeyboardInterrupt
-
     cfg = tiny_cfg(tmp_path, "cut", **RESUME_OPTS)
-    cut = train(cfg, callbacks=CtrlC(), base=tiny_pipeline("sd1"))
+    cut = train(cfg, callbacks=ctrl_c_at(3), base=tiny_pipeline("sd1"))
     assert cut.status == "interrupted" and cut.step == 3 and cut.checkpoint.name == "step-000003"
     assert not Path(cfg.output).exists()                       # only the checkpoint was written
     resumed = train(cfg.replace(resume=str(cut.checkpoint.parent)), base=tiny_pipeline("sd1"))
@@ -139,14 +134,9 @@ def test_checkpoints_leave_the_lora_folder_alone_get_normal_modes_and_leftovers_
     monkeypatch.chdir(tmp_path)
     old_umask = os.umask(0o022)
     try:
-        class CtrlC(TrainingCallbacks):
-            def on_progress(self, p):
-                if p.step == 2:
-                    raise KeyboardInterrupt
-
         cfg = tiny_cfg(tmp_path, "neon", steps=3, save_every=1, checkpoint_dir="",
                        output=str(tmp_path / "loras" / "neon.safetensors"))
-        cut = train(cfg, callbacks=CtrlC(), base=tiny_pipeline("sd1"))
+        cut = train(cfg, callbacks=ctrl_c_at(2), base=tiny_pipeline("sd1"))
         root = tmp_path / "checkpoints" / "neon"                  # the default: ./checkpoints/NAME
         assert cut.checkpoint == root / "step-000002"
         assert [p.name for p in list_checkpoints(root)] == ["step-000001", "step-000002"]

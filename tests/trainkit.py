@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdlora.training import TrainConfig
+from sdlora.training import TrainConfig, TrainingCallbacks
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 
@@ -36,3 +36,12 @@ def tiny_cfg(tmp_path, name="lora", **kw) -> TrainConfig:
                 checkpoint_dir=str(Path(tmp_path) / "checkpoints" / name))
     base.update(kw)
     return TrainConfig(**base)
+
+
+def ctrl_c_at(step: int) -> TrainingCallbacks:
+    """Callbacks that press Ctrl-C (KeyboardInterrupt) when training reaches `step`."""
+    class CtrlC(TrainingCallbacks):
+        def on_progress(self, p):
+            if p.step == step:
+                raise KeyboardInterrupt
+    return CtrlC()
