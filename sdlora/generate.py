@@ -36,12 +36,8 @@ class Generated:
 
 def apply_loras(pipe, loras: list[LoraRef]) -> None:
     """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights)."""
-    from sdlora.mixing import MixEntry, Mixer
-    mixer = getattr(pipe, "_sdlora_mixer", None)
-    if mixer is None:
-        mixer = Mixer(pipe)
-        pipe._sdlora_mixer = mixer
-    mixer.apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in loras])
+    from sdlora.mixing import MixEntry, mixer_for
+    mixer_for(pipe).apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in loras])
 
 
 def lora_hash(path: Path) -> str:
