@@ -153,6 +153,19 @@ class LoRA(Adapter):
             return torch.einsum("mnhw,im,nj->ijhw", self._t("mid", weight), up2, down.reshape(r, -1))
         return up2 @ down.reshape(r, -1)
 
+    def factors(self, weight_shape, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) in fp32, scale not applied, with ΔW = scale·up @ down.flatten(1).
+
+        down has the target weight's kernel shape [r, *weight_shape[1:]] (a Tucker `mid` folded in:
+        mid·down is again a conv kernel), up is [out, r]; so the update on activations is two small
+        ops, x → op(x, down) → (·)·upᵀ, which routing uses instead of building ΔW.
+        """
+        up, down = self._t("up").to(device), self._t("down").to(device)
+        r = down.shape[0]
+        if "mid" in self.tensors:
+            down = torch.einsum("mnhw,nj->mjhw", self._t("mid").to(device), down.reshape(r, -1))
+        return down.reshape(r, *weight_shape[1:]), up.reshape(up.shape[0], r)
+
     def bias_delta(self, bias):
         diff_b = super().bias_delta(bias)
         if "up_bias" not in self.tensors:

@@ -19,6 +19,7 @@ from typing import Callable
 from sdlora import __version__
 from sdlora.atomic import atomic_write
 from sdlora.errors import SdloraError
+from sdlora.extra_networks import LoraRef, parse_lora_arg, parse_prompt, resolve
 from sdlora.infotext import PNG_KEY, build, lora_hashes_value
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, sampler_name
 
@@ -31,22 +32,15 @@ class Generated:
     image: object        # PIL.Image
     seed: int
     infotext: str
+    mode: str = "patched"   # how the LoRA mix was applied: "patched" (weights) or "routed" (per image)
 
 
 def apply_loras(pipe, loras: list[LoraRef]) -> None:
-    """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights).
-    On a quantized base the LoRAs are routed (hooks adding their updates), never patched."""
-    from sdlora.mixing import MixEntry, Mixer
-    from sdlora.quant import RoutedLoras, is_quantized
-    if is_quantized(pipe):
-        RoutedLoras.for_pipe(pipe).apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks)
-                                          for r in loras])
-        return
-    mixer = getattr(pipe, "_sdlora_mixer", None)
-    if mixer is None:
-        mixer = Mixer(pipe)
-        pipe._sdlora_mixer = mixer
-    mixer.apply([MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in loras])
+    """Make `loras` the active LoRA mix of `pipe` (an empty list restores the base weights): patched
+    into the weights, or routed by hooks on a quantized base (routing.set_active)."""
+    from sdlora.mixing import MixEntry
+    from sdlora.routing import set_active
+    set_active(pipe, [MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in loras])
 
 
 def lora_hash(path: Path) -> str:
@@ -61,27 +55,43 @@ def native_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = (), seed: int = -1,
-             steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER,
-             width: int | None = None, height: int | None = None, batch: int = 1, lora_dir=DEFAULT_LORA_DIR,
-             progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> list[Generated]:
-    """Images for `prompt` on `base` (a pipelines.BaseModel). `<lora:...>` tags in the prompt are
-    looked up in `lora_dir` and applied with `loras` (explicit LoraRefs with paths).
+def generate(base, prompt: str, **kwargs) -> list[Generated]:
+    """Images for `prompt` on `base` (a pipelines.BaseModel); see generate_prompts for the options."""
+    return generate_prompts(base, [prompt], **kwargs)
+
+
+def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: list[LoraRef] = (), seed: int = -1,
+                     steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER,
+                     width: int | None = None, height: int | None = None, batch: int = 1,
+                     lora_dir=DEFAULT_LORA_DIR, progress: bool = True, mode: str = "auto",
+                     on_step: Callable[[int, int], None] | None = None) -> list[Generated]:
+    """`batch` images per prompt, all in one pipeline run. `<lora:...>` tags in each prompt are looked
+    up in `lora_dir` and apply to that prompt's images only, with `loras` (explicit LoraRefs with
+    paths) on every image. One mix for all images is patched into the weights; different mixes are
+    routed per image (sdlora.routing); `mode` ("auto", "patch", "route") forces one, and each result's
+    `mode` says which was used. Image i (prompt-major) uses seed + i.
     `on_step(done, total)` is called after each denoising step (the UI's progress bar)."""
     import torch
-    from sdlora.extra_networks import parse_prompt, resolve
+    from sdlora.mixing import MixEntry
+    from sdlora.routing import use_mixes
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
+    if not prompts:
+        raise ValueError("no prompt given")
     sampler = sampler_name(sampler)
-    text, tags = parse_prompt(prompt)
-    all_loras = resolve(tags, lora_dir) + list(loras)
+    parsed = [parse_prompt(p) for p in prompts]
+    per_prompt = [resolve(tags, lora_dir) + list(loras) for _, tags in parsed]
+    texts = [text for text, _ in parsed for _ in range(batch)]
+    image_loras = [refs for refs in per_prompt for _ in range(batch)]
+    shown = [" ".join([p] + [r.tag for r in loras]).strip() for p in prompts for _ in range(batch)]
+    mixes = [[MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in refs]
+             for refs in image_loras]
     pipe = base.pipe
-    apply_loras(pipe, all_loras)
     side = native_size(pipe)
     width, height = width or side, height or side
     if seed is None or seed < 0:
         seed = random.randrange(2**32 - 1)
-    seeds = [seed + i for i in range(batch)]
+    seeds = [seed + i for i in range(len(texts))]
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
     step_kw = {}
@@ -91,19 +101,22 @@ def generate(base, prompt: str, *, negative: str = "", loras: list[LoraRef] = ()
             on_step(i + 1, getattr(p, "num_timesteps", None) or steps)
             return tensors
         step_kw["callback_on_step_end"] = step_end
-    with torch.no_grad():
-        images = pipe([text] * batch, negative_prompt=[negative] * batch if negative else None,
+    with torch.no_grad(), use_mixes(pipe, mixes, mode=mode) as how:
+        images = pipe(texts, negative_prompt=[negative] * len(texts) if negative else None,
                       num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **step_kw).images
     # the infotext keeps the prompt as written (with its tags) plus tags for --lora LoRAs, as A1111
-    # does, so "reuse parameters" brings the LoRAs back
-    shown = " ".join([prompt] + [r.tag for r in loras]).strip()
-    hashes = lora_hashes_value({r.name: lora_hash(r.path) for r in all_loras}) if all_loras else None
+    # does, so "reuse parameters" brings the LoRAs back; hashes name that image's own LoRAs
+    hashes = {}
     out = []
-    for image, s in zip(images, seeds):
+    for image, s, text, refs in zip(images, seeds, shown, image_loras):
+        for r in refs:
+            if r.path not in hashes:
+                hashes[r.path] = lora_hash(r.path)
+        value = lora_hashes_value({r.name: hashes[r.path] for r in refs}) if refs else None
         params = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{cfg:g}", "Seed": s, "Size": f"{width}x{height}",
-                  "Model hash": base.hash, "Model": base.name, "Lora hashes": hashes, "Version": f"sdlora {__version__}"}
-        out.append(Generated(image, s, build(shown, negative, params)))
+                  "Model hash": base.hash, "Model": base.name, "Lora hashes": value, "Version": f"sdlora {__version__}"}
+        out.append(Generated(image, s, build(text, negative, params), how))
     return out
 
 
@@ -134,7 +147,12 @@ def save_png(result: Generated, out_dir) -> Path:
 # command line
 
 def add_arguments(parser, name: str = "generate") -> None:
-    parser.add_argument("prompt", help="the prompt; <lora:NAME:W> / <lora:NAME:TE:UNET> tags apply LoRAs")
+    parser.add_argument("prompt", nargs="?", default=None,
+                        help="the prompt; <lora:NAME:W> / <lora:NAME:TE:UNET> tags apply LoRAs")
+    parser.add_argument("--prompt", dest="more_prompts", action="append", default=[], metavar="TEXT",
+                        help="another prompt (repeatable); each prompt's <lora:...> tags apply to its own images, "
+                             "all generated in one batch")
+    parser.add_argument("--prompts", default=None, metavar="FILE", help="a file of prompts, one per line")
     parser.add_argument("--negative", default="", help="negative prompt")
     parser.add_argument("--base", default=None, metavar="SPEC",
                         help="base model: a diffusers folder, a .safetensors/.ckpt checkpoint or a hub id "
@@ -152,7 +170,10 @@ def add_arguments(parser, name: str = "generate") -> None:
     parser.add_argument("--width", type=int, default=None, help="default: the model's native size (512 for SD1.x, 1024 for SDXL)")
     parser.add_argument("--height", type=int, default=None,
                         help="default: the model's native size (512 for SD1.x, 1024 for SDXL)")
-    parser.add_argument("--batch", type=int, default=1, help="images to generate (seeds seed, seed+1, ...)")
+    parser.add_argument("--batch", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    parser.add_argument("--mix-mode", default="auto", choices=["auto", "patch", "route"],
+                        help="auto: patch the weights when all images share one LoRA mix, route per image otherwise "
+                             "(a quantized base always routes)")
     parser.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: ./outputs)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -171,6 +192,20 @@ def add_base_precision_argument(parser) -> None:
                         + f" [default: {f.default}]")
 
 
+def prompts_of(args) -> list[str]:
+    """The positional prompt, then --prompt ones, then the --prompts file's non-empty lines."""
+    prompts = ([args.prompt] if args.prompt is not None else []) + list(args.more_prompts)
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise SdloraError(f"--prompts {args.prompts}: cannot read it ({e.strerror})") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SdloraError("no prompt: give one, --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
 def run(args) -> int:
     import torch
     from sdlora.extra_networks import parse_lora_arg, parse_prompt, resolve
@@ -178,17 +213,22 @@ def run(args) -> int:
     from sdlora.pipelines import load_base
     sampler = sampler_name(args.sampler)          # validate everything before loading anything
     loras = [parse_lora_arg(s) for s in args.lora]
-    _, tags = parse_prompt(args.prompt)
+    prompts = prompts_of(args)
     from sdlora.formats import read_header
-    for ref in resolve(tags, args.loras) + loras:
-        read_header(ref.path)                     # a damaged LoRA fails now, not after the model loads
+    for p in prompts:
+        for ref in resolve(parse_prompt(p)[1], args.loras) + loras:
+            read_header(ref.path)                 # a damaged LoRA fails now, not after the model loads
     check_output_dir(args.out)                    # a bad --out fails now, not after generating
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     base = load_base(args.base, device=device, dtype=dtype, base_precision=args.base_precision)
-    results = generate(base, args.prompt, negative=args.negative, loras=loras, seed=args.seed, steps=args.steps,
-                       cfg=args.cfg, sampler=sampler, width=args.width, height=args.height, batch=args.batch,
-                       lora_dir=args.loras)
+    results = generate_prompts(base, prompts, negative=args.negative, loras=loras, seed=args.seed, steps=args.steps,
+                               cfg=args.cfg, sampler=sampler, width=args.width, height=args.height,
+                               batch=args.batch, lora_dir=args.loras, mode=args.mix_mode)
+    mixes = len({tuple(parse_prompt(p)[1]) for p in prompts})
+    how, n = results[0].mode, len(results)
+    print(f"LoRA mix: {how} ({'one mix for' if how == 'patched' else f'{mixes} mixes routed per image over'} "
+          f"{n} image{'s' if n != 1 else ''} in one batch)")
     for r in results:
         print(save_png(r, args.out))
     return 0

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -231,16 +232,11 @@ def is_plain_lora(ad) -> bool:
 
 
 def lora_factors(ad: LoRA, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, in·kh·kw]) in fp32 of a plain LoRA/LoCon, scale not applied.
-
-    A Tucker `mid` is folded into down (mid·down is again a conv kernel), so ΔW = scale·up @ down.
-    """
-    up, down, mid = (ad.tensors[k].to(device=device, dtype=torch.float32) if k in ad.tensors else None
-                     for k in ("up", "down", "mid"))
-    r = down.shape[0]
-    if mid is not None:
-        down = torch.einsum("mnhw,nj->mjhw", mid, down.reshape(r, -1))
-    return up.reshape(up.shape[0], r), down.reshape(r, -1)
+    """(up [out, r], down [r, in·kh·kw]) in fp32 of a plain LoRA/LoCon, scale not applied (Tucker
+    `mid` folded into down), so ΔW = scale·up @ down."""
+    r = ad.rank
+    down, up = ad.factors((r, -1), device)
+    return up, down
 
 
 def fused_weight(w0: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,6 +322,17 @@ def _components(obj) -> dict[str, torch.nn.Module]:
     return found
 
 
+def find_module(components: Mapping[str, torch.nn.Module], path: str) -> torch.nn.Module | None:
+    """The live module at a canonical path, or None when absent or without a real weight."""
+    comp = components[path.partition(".")[0]]
+    try:
+        mod = comp.get_submodule(live_path(comp, path))
+    except AttributeError:
+        return None
+    w = getattr(mod, "weight", None)
+    return mod if isinstance(w, torch.Tensor) and not w.is_meta else None
+
+
 @dataclass(frozen=True)
 class MixResult:
     updated: tuple[str, ...]    # modules whose weights were (re)computed
@@ -341,7 +348,7 @@ class Mixer:
         from sdlora.quant import is_quantized
         if any(is_quantized(m) for m in self.components.values()):
             raise SdloraError("this base is stored quantized (--base-precision): its weights cannot be patched; "
-                              "LoRAs go through sdlora.quant.RoutedLoras (what generate does)")
+                              "LoRAs are routed by hooks instead (sdlora.routing, what generate does)")
         if family is None:
             if "unet" not in self.components:
                 raise SdloraError("no unet to tell the model family from; pass family='sd1'|'sd2'|'sdxl'")
@@ -373,13 +380,7 @@ class Mixer:
             sum(t.nbytes for t in self._biases.values() if t is not None)
 
     def _module(self, path: str) -> torch.nn.Module | None:
-        comp = self.components[path.partition(".")[0]]
-        try:
-            mod = comp.get_submodule(live_path(comp, path))
-        except AttributeError:
-            return None
-        w = getattr(mod, "weight", None)
-        return mod if isinstance(w, torch.Tensor) and not w.is_meta else None
+        return find_module(self.components, path)
 
     def _shape(self, path: str):
         mod = self._module(path)
@@ -489,3 +490,24 @@ class Mixer:
             mod.bias = None
         else:
             mod.bias.copy_(b0)
+
+
+_MIXERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def patched_mixer(pipe_or_components) -> Mixer | None:
+    """The Mixer mixer_for keeps for this model, if one was made."""
+    return _MIXERS.get(next(iter(_components(pipe_or_components).values())))
+
+
+def mixer_for(pipe_or_components) -> Mixer:
+    """The Mixer of a pipeline (or components dict), made on first use and kept with its UNet (or
+    first component), so a mix stays patched between calls and a change rewrites only what changed."""
+    comps = _components(pipe_or_components)
+    key = next(iter(comps.values()))
+    mixer = _MIXERS.get(key)
+    if mixer is None or any(mixer.components.get(k) is not v for k, v in comps.items()):
+        if mixer is not None:
+            mixer.restore()
+        mixer = _MIXERS[key] = Mixer(comps)
+    return mixer

@@ -1,9 +1,10 @@
 """A frozen base stored in low precision (QLoRA): fp32|bf16|fp16|fp8|int8|nf4 weights, LoRAs on top.
 
-    from sdlora.quant import quantize_pipeline, RoutedLoras
+    from sdlora.quant import quantize_pipeline
+    from sdlora.routing import set_active
     quantize_pipeline(pipe, "nf4")     # UNet + text-encoder Linear/Conv2d weights, in place
     ... train a LoRA (sdlora.network wraps the quantized modules as it wraps any Linear/Conv2d) ...
-    RoutedLoras.for_pipe(pipe).apply([MixEntry("style.safetensors", unet=0.8)])   # generate
+    set_active(pipe, [MixEntry("style.safetensors", unet=0.8)])   # generate: routed, never patched
 
 Each `nn.Linear`/`nn.Conv2d` of the UNet and text encoders is replaced, under the same name, by a
 `QuantLinear`/`QuantConv2d` (subclasses, so LoRA targeting, `canonical_name` and kohya key names do
@@ -20,8 +21,8 @@ UNet's 860M parameters, so a Linear-only NF4 base would keep 2/3 of the memory. 
 bitsandbytes and not torchao: bench/README.md ("Quantized base").
 
 Norms, embeddings and the VAE stay as they are (small, and sensitive). The stored weights are
-never written: LoRAs are trained through hooks (sdlora.network) and applied at generation through
-`RoutedLoras` (a forward hook adding the LoRA's update to the module output) — never by patching.
+never written: LoRAs are trained through hooks (sdlora.network) and applied at generation by sdlora.routing
+(forward hooks adding each image's LoRA update to the module output) — never by patching.
 `fuse` needs a full-precision base.
 
 Process-wide side effect (CPU, glibc): storing a base sets a fixed 1 MiB mmap threshold, so the
@@ -29,8 +30,6 @@ weight-sized temporaries of every dequantize go back to the OS when freed instea
 the heap (see `_mmap_large_blocks`).
 """
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +258,8 @@ def quantize_pipeline(pipe, precision: str | None, dtype: torch.dtype | None = N
         if getattr(pipe, "_sdlora_base_precision", None) == precision:
             return precision                   # already stored so (a second training on one pipeline)
         raise SdloraError("this pipeline's base is already stored quantized; load it again for another precision")
-    mixer = getattr(pipe, "_sdlora_mixer", None)
+    from sdlora.mixing import patched_mixer
+    mixer = patched_mixer(pipe)
     if mixer is not None and mixer.patched:
         raise SdloraError("LoRAs are patched into this pipeline's weights; restore them before quantizing")
     if precision == "fp32" and dtype != torch.float32:
@@ -295,116 +295,3 @@ def dequantize_(model: nn.Module) -> int:
             setattr(parent, name, plain.requires_grad_(False).train(q.training))
             n += 1
     return n
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRAs at generation: routed through forward hooks, the stored weights never written
-
-class RoutedLoras:
-    """The active LoRA mix of a pipeline with a quantized base: each adapted module's output gets
-    Σ s·(its LoRA update of x). Plain LoRA/LoCon run as two small ops on the activations (down,
-    then up; never ΔW); any other adapter (LoHa, LoKr, full, DoRA, ...) as its ΔW computed once
-    from the dequantized weight (ΔW = mixing.fused_weight(W, recipe) − W, so the order rules are the
-    Mixer's) applied with the module's own op. Bias updates are added as they are. Minimal by
-    design (one mix for the whole batch, Linear/Conv2d only); the multi-LoRA routing module
-    generalises it."""
-
-    def __init__(self, pipe):
-        from sdlora.families import family_of_unet_config
-        from sdlora.mixing import _components, component_configs, Target
-        from sdlora.families import get_family
-        self.components = _components(pipe)
-        family = family_of_unet_config(self.components["unet"].config)
-        self.target = Target(get_family(family).name, component_configs(self.components))
-        self._handles = []
-        self.active: tuple = ()
-
-    @classmethod
-    def for_pipe(cls, pipe) -> "RoutedLoras":
-        r = getattr(pipe, "_sdlora_router", None)
-        if r is None:
-            r = pipe._sdlora_router = cls(pipe)
-        return r
-
-    def _module(self, path: str):
-        from sdlora.families import live_path
-        comp = self.components.get(path.partition(".")[0])
-        try:
-            return None if comp is None else comp.get_submodule(live_path(comp, path))
-        except AttributeError:
-            return None
-
-    def _shape(self, path: str):
-        return self._shape_of(self._module(path))
-
-    @staticmethod
-    def _shape_of(mod):
-        if isinstance(mod, _Stored):
-            return mod.weight_shape
-        w = getattr(mod, "weight", None)
-        return tuple(w.shape) if isinstance(w, torch.Tensor) else None
-
-    def apply(self, entries: Sequence) -> None:
-        """Make `entries` (mixing.MixEntry) the active mix; [] removes every hook. Everything is
-        read and checked before the old mix is removed."""
-        from sdlora.mixing import DEFAULT_CACHE, check_fit, load_sources, plan
-        entries = tuple(entries)
-        loras = load_sources(entries, self.target.family, self.target.configs, DEFAULT_CACHE)
-        recipes = plan(entries, loras, self.target.unet_config)
-        check_fit(entries, loras, self._shape, tuple(self.components), self.target.unet_config)
-        for path in recipes:
-            if not isinstance(self._module(path), (nn.Linear, nn.Conv2d)):
-                raise SdloraError(f"{path}: LoRAs on {type(self._module(path)).__name__} modules cannot be routed "
-                                  "on a quantized base; load the base in full precision (--base-precision fp32)")
-        hooks = [(self._module(p), self._route(self._module(p), r)) for p, r in recipes.items()]
-        self.remove()
-        self._handles = [mod.register_forward_hook(h) for mod, h in hooks]
-        self.active = entries
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self.active = [], ()
-
-    @torch.no_grad()
-    def _route(self, mod, recipe):
-        from sdlora.mixing import bias_deltas, fused_weight, is_plain_lora, lora_factors
-        dev = mod.weight.device
-        conv = isinstance(mod, nn.Conv2d)
-        # a non-additive adapter (DoRA, OFT) acts on W0 + every additive update: then the whole
-        # recipe is one ΔW, as the Mixer computes it
-        whole = any(not ad.additive for ad, _ in recipe)
-        low_rank = []
-        dense = list(recipe) if whole else [(ad, s) for ad, s in recipe if not is_plain_lora(ad)]
-        for ad, s in ([] if whole else recipe):
-            if is_plain_lora(ad):
-                up, down = lora_factors(ad, dev)          # ΔW = scale·up @ down
-                up = up * (s * ad.scale)
-                if conv:
-                    down = down.view(down.shape[0], *self._shape_of(mod)[1:])
-                    up = up[:, :, None, None]
-                low_rank.append((down, up))
-        delta = None
-        w0 = mod.dequantize(torch.float32) if isinstance(mod, _Stored) else mod.weight.float()
-        if dense:
-            delta = fused_weight(w0, tuple(dense)) - w0
-        b0 = None if mod.bias is None else mod.bias.float()
-        biases = [(d.to(dev), s) for d, s in bias_deltas(b0, recipe)]
-        del w0
-
-        def op(x, w):
-            return mod._conv_forward(x, w, None) if conv else F.linear(x, w)
-
-        def hook(m, args, out):
-            x = args[0]
-            extra = 0
-            for down, up in low_rank:
-                h = op(x, down.to(x.dtype))
-                extra = extra + (F.conv2d(h, up.to(x.dtype)) if conv else F.linear(h, up.to(x.dtype)))
-            if delta is not None:
-                extra = extra + op(x, delta.to(x.dtype))
-            for d, s in biases:
-                shape = (-1, 1, 1) if conv else (-1,)
-                extra = extra + s * d.to(x.dtype).view(shape)
-            return out + extra
-        return hook

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from sdlora.errors import SdloraError
 from sdlora.extra_networks import LoraRef, find_lora, parse_lora_arg, parse_prompt, resolve
-from sdlora.generate import generate, lora_hash, save_png
+from sdlora.generate import generate, generate_prompts, lora_hash, save_png
 from sdlora.infotext import parse, read_png
 from sdlora.samplers import SAMPLERS, make_scheduler, sampler_name
 
@@ -162,3 +162,64 @@ def test_cli(tmp_path, capsys):
     assert "no .safetensors" in capsys.readouterr().err
     assert main(["generate", "x", "--sampler", "Bogus", "--out", str(out)]) == 2
     assert len(list(out.glob("*.png"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# several prompts, each with its own LoRAs: one routed batch
+
+@pytest.fixture(scope="module")
+def two_loras(embedded, tmp_path_factory):
+    from mix_helpers import attention_paths, random_lora, write
+    from sdlora.mixing import _components, component_configs
+    comps = _components(embedded.pipe)
+    folder = tmp_path_factory.mktemp("loras")
+    configs = component_configs(comps)
+    for name, seed in (("a", 1), ("b", 2)):
+        write(folder / f"{name}.safetensors", random_lora(comps, attention_paths(comps), rank=4, seed=seed, scale=0.3),
+              embedded.family, configs)
+    return folder
+
+
+def test_prompts_with_own_loras_are_one_routed_batch(embedded, two_loras):
+    prompts = ["a red circle <lora:a:0.8>", "a blue square <lora:b:1>", "a green ring <lora:a:-0.5> <lora:b:0.5>",
+               "a yellow star"]
+    kw = dict(steps=3, progress=False, lora_dir=two_loras)
+    routed = generate_prompts(embedded, prompts, seed=3, **kw)
+    assert [r.mode for r in routed] == ["routed"] * 4 and [r.seed for r in routed] == [3, 4, 5, 6]
+    ha, hb = lora_hash(two_loras / "a.safetensors"), lora_hash(two_loras / "b.safetensors")
+    assert [parse(r.infotext).lora_hashes for r in routed] == [{"a": ha}, {"b": hb}, {"a": ha, "b": hb}, {}]
+    assert [parse(r.infotext).prompt for r in routed] == prompts
+    for i, p in enumerate(prompts):   # each image as its prompt alone, patched
+        (alone,) = generate(embedded, p, seed=3 + i, **kw)
+        assert alone.mode == "patched"
+        assert np.abs(_pixels(routed)[i].astype(int) - _pixels([alone])[0].astype(int)).max() <= 2, p
+    plain = generate(embedded, "a red circle", seed=3, **kw)
+    assert np.abs(_pixels(routed)[0].astype(int) - _pixels(plain)[0].astype(int)).max() > 10  # the LoRA shows
+
+
+def test_prompts_sharing_one_mix_are_patched(embedded, two_loras):
+    rs = generate_prompts(embedded, ["x <lora:a:0.5>", "y <lora:a:0.5>"], seed=1, steps=2, progress=False,
+                          lora_dir=two_loras)
+    assert [r.mode for r in rs] == ["patched", "patched"]
+    forced = generate_prompts(embedded, ["x <lora:a:0.5>", "y <lora:a:0.5>"], seed=1, steps=2, progress=False,
+                              lora_dir=two_loras, mode="route")
+    assert [r.mode for r in forced] == ["routed", "routed"]
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(_pixels(rs), _pixels(forced)))
+
+
+def test_cli_several_prompts(tmp_path, capsys, two_loras):
+    from sdlora.cli import main
+    out = tmp_path / "out"
+    pfile = tmp_path / "prompts.txt"
+    pfile.write_text("a green square <lora:b:0.7>\n\n  a red dot  \n")
+    assert main(["generate", "--prompt", "a blue triangle <lora:a:1>", "--prompts", str(pfile), "--seed", "11",
+                 "--steps", "2", "--loras", str(two_loras), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "LoRA mix: routed (3 mixes routed per image over 3 images in one batch)" in text
+    files = sorted(out.glob("*.png"))
+    infos = [read_png(f) for f in files]
+    assert [i.prompt for i in infos] == ["a blue triangle <lora:a:1>", "a green square <lora:b:0.7>", "a red dot"]
+    assert [sorted(i.lora_hashes) for i in infos] == [["a"], ["b"], []]
+    assert main(["generate", "--prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert "--prompts" in capsys.readouterr().err
+    assert main(["generate", "--out", str(out)]) == 2

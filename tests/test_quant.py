@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from sdlora import quant
 from sdlora.adapters import DoRA, LoHa
 from sdlora.errors import SdloraError
-from sdlora.mixing import MixEntry, Mixer
+from sdlora.mixing import MixEntry, Mixer, patched_mixer
 from sdlora.network import LoRANetwork, NetworkSpec
+from sdlora.routing import Router, kept_router
 from sdlora.training import train
 from mix_helpers import attention_paths, lora_file, random_lora
 from tinypipe import probe_inputs, probe_outputs, tiny_pipeline
@@ -213,14 +214,13 @@ def test_generation_on_nf4_base_with_loras_equals_dequantized_base_with_patched_
     mix = _mix(ref)
     mixer = Mixer(ref)
     mixer.apply(mix)
-    router = quant.RoutedLoras(nf4)
-    router.apply(mix)
+    router = Router(nf4, [mix]).install()
     inputs = probe_inputs(nf4)
     ours, theirs = probe_outputs(nf4, inputs), probe_outputs(ref, inputs)
     for comp in ours:
         torch.testing.assert_close(ours[comp], theirs[comp], rtol=1e-4, atol=1e-5, msg=comp)
     assert all(torch.equal(v, stored[k]) for k, v in nf4.unet.state_dict().items())   # never written
-    router.apply([])                                    # the base again, no hooks left
+    router.close()                                      # the base again, no hooks left
     mixer.restore()
     plain = tiny_pipeline("sd1")
     quant.quantize_pipeline(plain, "nf4")
@@ -240,7 +240,38 @@ def test_generation_on_nf4_base_with_loras_equals_dequantized_base_with_patched_
     c = generate(wrap_pipeline(ref, name="ref"), "a red square", **dict(kw, loras=[]))[0].image
     a, b, c = (np.asarray(im, dtype=int) for im in (a, b, c))
     assert np.abs(a - b).max() <= 1 and np.abs(b - c).max() > 10      # the LoRAs do change the image
-    assert nf4._sdlora_router.active and all(torch.equal(v, stored[k]) for k, v in nf4.unet.state_dict().items())
+    assert not any(m._forward_hooks for m in nf4.unet.modules())       # routed for the call only
+    assert all(torch.equal(v, stored[k]) for k, v in nf4.unet.state_dict().items())
+
+
+def test_per_image_mixes_on_an_nf4_base_equal_each_image_alone_on_the_dequantized_base(tmp_path):
+    """Two prompts with different <lora:> tags in one batch on the NF4 base (routed per image) vs
+    each prompt alone on the dequantized fp32 base with its LoRA patched in: within one 8-bit level."""
+    import numpy as np
+    from sdlora.formats.writer import save_lora
+    from sdlora.generate import generate, generate_prompts
+    from sdlora.pipelines import wrap_pipeline
+    nf4 = tiny_pipeline("sd1")
+    quant.quantize_pipeline(nf4, "nf4")
+    ref = copy.deepcopy(nf4)
+    quant.dequantize_(ref.unet)
+    quant.dequantize_(ref.text_encoder)
+    comps = {"unet": ref.unet, "text_encoder": ref.text_encoder}
+    for i in range(2):
+        save_lora(tmp_path / f"l{i}.safetensors", random_lora(comps, attention_paths(comps), seed=20 + i), "sd1",
+                  unet_config=ref.unet.config)
+    prompts = ["a red square <lora:l0:0.8>", "a blue circle <lora:l1:-0.6>"]
+    kw = dict(seed=7, steps=4, progress=False, lora_dir=tmp_path)
+    both = generate_prompts(wrap_pipeline(nf4, name="nf4"), prompts, **kw)
+    assert [r.mode for r in both] == ["routed", "routed"]
+    for i, p in enumerate(prompts):
+        alone = generate(wrap_pipeline(ref, name="ref"), p, **dict(kw, seed=7 + i))[0]
+        assert alone.mode == "patched"
+        diff = np.abs(np.asarray(both[i].image, dtype=int) - np.asarray(alone.image, dtype=int)).max()
+        assert diff <= 1, (p, diff)
+    # image 0 with the other image's LoRA is another picture: the mixes did not leak across the batch
+    other = generate(wrap_pipeline(ref, name="ref"), "a red square <lora:l1:-0.6>", **dict(kw, seed=7))[0]
+    assert np.abs(np.asarray(both[0].image, dtype=int) - np.asarray(other.image, dtype=int)).max() > 10
 
 
 def test_generate_routes_loras_on_a_quantized_base_and_the_mixer_and_fuse_refuse_it(tmp_path):
@@ -254,7 +285,7 @@ def test_generate_routes_loras_on_a_quantized_base_and_the_mixer_and_fuse_refuse
     save_lora(f, random_lora(comps, attention_paths(comps)), "sd1", unet_config=pipe.unet.config)
     quant.quantize_pipeline(pipe, "int8")
     apply_loras(pipe, [LoraRef("a", 1.0, 1.0, f)])
-    assert len(pipe._sdlora_router.active) == 1 and getattr(pipe, "_sdlora_mixer", None) is None
+    assert kept_router(pipe).routes and patched_mixer(pipe) is None
     with pytest.raises(SdloraError, match="quantized"):
         Mixer(pipe)
     # fuse bakes into full-precision weights only
