@@ -14,14 +14,16 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sdlora import __version__
 from sdlora.atomic import atomic_write
 from sdlora.errors import SdloraError
-from sdlora.extra_networks import LoraRef, parse_lora_arg, parse_prompt, resolve
 from sdlora.infotext import PNG_KEY, build, lora_hashes_value
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler, sampler_name
+
+if TYPE_CHECKING:
+    from sdlora.extra_networks import LoraRef
 
 DEFAULT_STEPS, DEFAULT_CFG = 20, 7.0   # A1111's defaults
 DEFAULT_LORA_DIR = "loras"
@@ -72,6 +74,7 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
     `mode` says which was used. Image i (prompt-major) uses seed + i.
     `on_step(done, total)` is called after each denoising step (the UI's progress bar)."""
     import torch
+    from sdlora.extra_networks import parse_prompt, resolve
     from sdlora.mixing import MixEntry
     from sdlora.routing import use_mixes
     if steps < 1 or batch < 1:
