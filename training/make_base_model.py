@@ -389,6 +389,9 @@ def main(argv=None) -> int:
     log(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.4f}")
 
     text_encoder, tokenizer = build_text_encoder(a.seed), load_tokenizer()
+    if a.init_unet:   # a second stage also continues the first one's text encoder (trained or not)
+        from transformers import CLIPTextModel
+        text_encoder = CLIPTextModel.from_pretrained(a.init_unet / "text_encoder").float().eval().requires_grad_(False)
     captions = sorted({s.caption for s in specs})
     index = {c: i for i, c in enumerate(captions)}
     emb = embed(text_encoder, tokenizer, captions)
