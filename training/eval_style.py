@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import statistics
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class StyleReport:
     lora_path: str
     colour_followed: list[bool] | None = None     # per LoRA image, when a colour check ran
     base_colour_followed: list[bool] | None = None
+    shape_followed: list[bool] | None = None      # per LoRA image, when a shape check ran
+    base_shape_followed: list[bool] | None = None
+    half_scores: list[float] | None = None        # the LoRA at weight 0.5, when `half` was asked
+    train_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -63,10 +68,15 @@ class StyleReport:
         lines = [f"style {self.style_dir}: {len(self.prompts)} prompts x {len(self.seeds)} seeds",
                  f"  style metric  base {self.base_mean:.4f}  ->  LoRA {self.lora_mean:.4f}  "
                  f"(+{self.lora_mean - self.base_mean:.4f}; LoRA higher on {self.wins:.0%} of pairs)"]
-        if self.colour_followed is not None:
-            rate = sum(self.colour_followed) / len(self.colour_followed)
-            base = sum(self.base_colour_followed) / len(self.base_colour_followed)
-            lines.append(f"  prompt colour followed: base {base:.0%}, LoRA {rate:.0%}")
+        if self.half_scores is not None:
+            lines.append(f"  style metric at LoRA weight 0.5: {statistics.fmean(self.half_scores):.4f}")
+        for what, lora, base in (("colour", self.colour_followed, self.base_colour_followed),
+                                 ("shape", self.shape_followed, self.base_shape_followed)):
+            if lora is not None:
+                lines.append(f"  prompt {what} followed: base {sum(base) / len(base):.0%}, "
+                             f"LoRA {sum(lora) / len(lora):.0%}")
+        if self.train_seconds is not None:
+            lines.append(f"  training took {self.train_seconds:.0f} s")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -89,6 +99,16 @@ def default_metrics():
     return style_score, follows_colour
 
 
+def default_shape_metric():
+    from sdlora.metrics import follows_shape
+    return follows_shape
+
+
+def shape_of(prompt: str) -> str | None:
+    words = prompt.lower().replace(",", " ").split()
+    return next((w for w in words if w in ("circle", "square", "triangle")), None)
+
+
 def colour_of(prompt: str) -> str | None:
     words = prompt.lower().replace(",", " ").split()
     return next((w for w in words if w in COLOURS), None)
@@ -103,9 +123,13 @@ def held_out_prompts(prompts, style_dir: Path) -> list[str]:
 
 def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = "tiny CPU demo",
              overrides: dict | None = None, prompts=DEFAULT_PROMPTS, prompt_prefix: str = "", seeds=(0, 1, 2, 3),
-             out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None) -> StyleReport:
-    """Train on `style_dir` with `preset` (+ overrides), score base vs LoRA images. `base`: a
-    diffusers pipeline or None for the trainer's default base model."""
+             out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None,
+             shape_metric=None, half: bool = False) -> StyleReport:
+    """Train on `style_dir` with `preset` (+ overrides; preset None: the base model's own defaults,
+    as `sdlora train FOLDER` with no preset), score base vs LoRA images. `base`: a diffusers pipeline
+    or None for the trainer's default base model. `shape_metric(image, shape) -> bool` checks the
+    prompt's shape; `half` also scores the LoRA at weight 0.5."""
+    import time
     from sdlora.training.base import load_base
     from sdlora.training.config import build_config
     from sdlora.training.sampling import generate, save_png
@@ -136,14 +160,28 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
 
     base_images = images("base")
     trainer = Trainer(cfg, base=pipe)
+    t0 = time.time()
     trainer.prepare()
     result = trainer.run()
+    seconds = time.time() - t0
     trainer.network.eval()
     lora_images = images("lora")
+    half_images = None
+    if half:
+        trainer.network.set_multiplier(0.5)
+        half_images = images("half")
+        trainer.network.set_multiplier(1.0)
     trainer.network.remove()
 
     report = StyleReport(str(style_dir), full, list(seeds), [float(metric(im, style_dir)) for im in base_images],
-                         [float(metric(im, style_dir)) for im in lora_images], str(result.output), notes=notes)
+                         [float(metric(im, style_dir)) for im in lora_images], str(result.output), notes=notes,
+                         train_seconds=seconds)
+    if half_images is not None:
+        report.half_scores = [float(metric(im, style_dir)) for im in half_images]
+    shapes = [shape_of(p) for p in kept] * len(seeds)
+    if shape_metric is not None and all(shapes):
+        report.shape_followed = [bool(shape_metric(im, s)) for im, s in zip(lora_images, shapes)]
+        report.base_shape_followed = [bool(shape_metric(im, s)) for im, s in zip(base_images, shapes)]
     colours = [colour_of(p) for p in kept] * len(seeds)
     if colour_metric is not None and all(colours):
         report.colour_followed = [bool(colour_metric(im, c)) for im, c in zip(lora_images, colours)]
@@ -159,7 +197,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("style_dir")
     p.add_argument("--out", default="eval-style", help="folder for images, the LoRA and report.json")
-    p.add_argument("--preset", default="tiny CPU demo")
+    p.add_argument("--preset", default="", help="training preset (default: none, i.e. what `sdlora train FOLDER` "
+                                                "uses: the base model's own defaults)")
+    p.add_argument("--trigger", default="", help="train with this trigger word (as `sdlora train --trigger W`) and "
+                                                 "put 'W, ' before every prompt")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="training options, as in a config file (e.g. rank=16 train_text_encoder=true)")
+    p.add_argument("--half", action="store_true", help="also score the LoRA at weight 0.5")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the preset's)")
     p.add_argument("--base", default="", help="base model (default: the embedded one)")
     p.add_argument("--metric", help="style metric as module:function (default: sdlora.metrics.style_score)")
@@ -175,9 +219,16 @@ def main(argv=None) -> int:
     overrides = {"base": a.base} if a.base else {}
     if a.steps:
         overrides["steps"] = a.steps
-    report = evaluate(a.style_dir, metric=metric, colour_metric=colour, preset=a.preset, overrides=overrides,
-                      prompts=a.prompts, prompt_prefix=a.prompt_prefix, seeds=tuple(range(a.seeds)), out_dir=a.out,
-                      steps=a.sample_steps)
+    for item in a.set:
+        key, _, value = item.partition("=")
+        overrides[key] = tomllib.loads(f"v = {value}")["v"] if value not in ("",) else ""
+    prefix = a.prompt_prefix
+    if a.trigger:
+        overrides["trigger"] = a.trigger
+        prefix = prefix or f"{a.trigger}, "
+    report = evaluate(a.style_dir, metric=metric, colour_metric=colour, preset=a.preset or None, overrides=overrides,
+                      prompts=a.prompts, prompt_prefix=prefix, seeds=tuple(range(a.seeds)), out_dir=a.out,
+                      steps=a.sample_steps, shape_metric=default_shape_metric(), half=a.half)
     print(report.summary())
     return 0
 

@@ -195,6 +195,11 @@ def load_tokenizer():
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
     """(n, 77, hidden) last hidden states, exactly as StableDiffusionPipeline computes them."""
@@ -209,29 +214,40 @@ def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tensor, empty: torch.Tensor,
                steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
                dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
-               layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1, init=None):
-    """Epsilon-prediction UNet on cached latents/embeddings with min-SNR weighting and EMA.
-    `init`: a UNet to start from (a second stage) instead of a fresh one."""
+               layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1, init=None,
+               text_encoder=None, ids: torch.Tensor | None = None, empty_ids: torch.Tensor | None = None):
+    """Epsilon-prediction UNet on cached latents with min-SNR weighting and EMA. `init`: a UNet to
+    start from (a second stage) instead of a fresh one. With `text_encoder` (and the captions' token
+    `ids`), the text encoder's transformer layers train with the UNet (its token embedding table stays
+    at its init) and `on_eval`/the result get (unet, text_encoder); otherwise the cached `emb` is read."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
     unet = init.float().train().requires_grad_(True) if init is not None else \
         UNet2DConditionModel.from_config(unet_config(layers_per_block, heads))
-    unet.set_attn_processor(AttnProcessor())  # faster than CPU SDPA backward at these sizes (measured)
-    ema = [p.detach().clone() for p in unet.parameters()]
+    unet.set_default_attn_processor()  # SDPA: faster than the classic bmm processor with several heads (measured)
+    params = list(unet.parameters())
+    if text_encoder is not None:
+        text_encoder.float().train().requires_grad_(True)
+        text_encoder.get_input_embeddings().requires_grad_(False)
+        params += [p for p in text_encoder.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
     sched = DDPMScheduler.from_config(scheduler_config())
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     weight_t = torch.clamp(snr, max=snr_gamma) / snr        # min-SNR for epsilon prediction
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
     n = len(latents)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
         idx = torch.randint(0, n, (batch,), generator=gen)
         x0 = latents[idx]
-        cond = emb[caption_idx[idx]]
         drop = torch.rand(batch, generator=gen) < dropout
-        cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        if text_encoder is not None:
+            tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), ids[caption_idx[idx]])
+            cond = text_encoder(tok)[0]
+        else:
+            cond = emb[caption_idx[idx]]
+            cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=gen)
         if noise_offset:  # see --noise-offset
             noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
@@ -244,23 +260,28 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - decay)
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
         if on_eval and eval_every and step and step % eval_every == 0:
-            on_eval(_ema_copy(unet, ema), step)
-    return round_fp16_(_ema_copy(unet, ema))
+            on_eval(*_ema_copy(unet, text_encoder, ema), step)
+    unet, text_encoder = _ema_copy(unet, text_encoder, ema)
+    return round_fp16_(unet), text_encoder and round_fp16_(text_encoder)
 
 
-def _ema_copy(unet, ema):
+def _ema_copy(unet, text_encoder, ema):
+    """Fresh (unet, text_encoder or None) holding the EMA weights, in eval mode."""
+    import copy
     from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
     out = UNet2DConditionModel.from_config(unet.config)
-    out.set_attn_processor(AttnProcessor())
+    te = copy.deepcopy(text_encoder) if text_encoder is not None else None
+    trained = list(out.parameters()) + ([p for p in te.parameters() if p.requires_grad] if te is not None else [])
     with torch.no_grad():
-        for p, e in zip(out.parameters(), ema):
+        for p, e in zip(trained, ema):
             p.copy_(e)
-    return out.eval().requires_grad_(False)
+    if te is not None:
+        te.eval().requires_grad_(False)
+    return out.eval().requires_grad_(False), te
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +342,9 @@ def main(argv=None) -> int:
                         "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: without an offset the "
                         "UNet reads the background from that leak and, when sampling from pure noise, from the "
                         "seed instead of the prompt")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="train the text encoder's transformer layers with the UNet (token embeddings stay at their "
+                        "seeded init); without it the encoder stays frozen at its random init")
     p.add_argument("--init-unet", type=Path, default=None,
                    help="a pipeline folder whose UNet this run continues (a second stage; its architecture wins)")
     p.add_argument("--eval-every", type=int, default=500, help="quick prompt-following check (0: off)")
@@ -371,6 +395,9 @@ def main(argv=None) -> int:
     log(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.4f}")
 
     text_encoder, tokenizer = build_text_encoder(a.seed), load_tokenizer()
+    if a.init_unet:   # a second stage also continues the first one's text encoder (trained or not)
+        from transformers import CLIPTextModel
+        text_encoder = CLIPTextModel.from_pretrained(a.init_unet / "text_encoder").float().eval().requires_grad_(False)
     captions = sorted({s.caption for s in specs})
     index = {c: i for i, c in enumerate(captions)}
     emb = embed(text_encoder, tokenizer, captions)
@@ -380,8 +407,8 @@ def main(argv=None) -> int:
 
     from sdlora.training.eval_base_model import evaluate
 
-    def on_eval(unet, step):
-        pipe = assemble(vae, text_encoder, unet, scaling)
+    def on_eval(unet, te, step):
+        pipe = assemble(vae, te or text_encoder, unet, scaling)
         if a.snapshots:
             save(pipe, a.out.with_name(f"{a.out.name}-step{step}"), f"# snapshot at UNet step {step}\n")
         r = evaluate(pipe, seeds=2, log=None)
@@ -393,9 +420,14 @@ def main(argv=None) -> int:
         from diffusers import UNet2DConditionModel
         init = UNet2DConditionModel.from_pretrained(a.init_unet / "unet")
         log(f"unet continues from {a.init_unet}")
-    unet = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr, init=init,
-                      gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
-                      layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset)
+    te_kw = {}
+    if a.train_text_encoder:
+        te_kw = dict(text_encoder=text_encoder, ids=token_ids(tokenizer, captions), empty_ids=token_ids(tokenizer, [""]))
+    unet, trained_te = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr,
+                                  init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
+                                  layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
+                                  **te_kw)
+    text_encoder = trained_te or text_encoder
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}

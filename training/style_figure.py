@@ -1,0 +1,93 @@
+"""The README's style picture and table: for every style folder, train a LoRA with the default settings
+(what `sdlora train FOLDER --trigger W --out X` does, no other option), then show base / LoRA at
+weight 0.5 / LoRA at weight 1 on the same prompts (not in the captions) and seeds.
+
+    python -m sdlora.training.style_figure --out docs/styles.png [--styles sample_data/styles] [--work DIR]
+
+Every number comes from training/eval_style.py (the images in the picture are the ones it scored);
+the trigger of a folder is training/make_styles.TRIGGERS' (else the folder's name + "style").
+Prints a Markdown table and writes WORK/report.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROWS = (("base", "base"), ("half", "LoRA 0.5"), ("lora", "LoRA 1"))
+
+
+def trigger_for(folder: Path) -> str:
+    from sdlora.training.make_styles import TRIGGERS
+    return TRIGGERS.get(folder.name, f"{folder.name}style")
+
+
+def rate(flags) -> str:
+    return f"{sum(flags) / len(flags):.0%}" if flags else "-"
+
+
+def table_row(name: str, r) -> str:
+    half = statistics.fmean(r.half_scores) if r.half_scores else float("nan")
+    return (f"| `{name}` | {r.base_mean:.2f} → {half:.2f} → {r.lora_mean:.2f} (+{r.lora_mean - r.base_mean:.2f}) "
+            f"| {r.wins:.0%} | {rate(r.base_shape_followed)} → {rate(r.shape_followed)} "
+            f"| {rate(r.base_colour_followed)} → {rate(r.colour_followed)} | {r.train_seconds:.0f} s |")
+
+
+def figure(work: Path, names: list[str], n_prompts: int, seeds: list[int], scale: int = 2) -> Image.Image:
+    """Rows: per style, base / half / LoRA; columns: prompt-major, each prompt on every seed."""
+    side, label_w = 64 * scale, 90
+    cols = [(p, s) for p in range(n_prompts) for s in seeds]
+    out = Image.new("RGB", (label_w + len(cols) * (side + 2), len(names) * (len(ROWS) * (side + 2) + 8)), "white")
+    d = ImageDraw.Draw(out)
+    y = 0
+    for name in names:
+        for tag, label in ROWS:
+            d.text((4, y + side // 2 - 12), name, fill="black")
+            d.text((4, y + side // 2 + 2), label, fill="black")
+            for c, (p, s) in enumerate(cols):
+                im = Image.open(work / name / f"{tag}-seed{s}-p{p}.png").convert("RGB")
+                out.paste(im.resize((side, side), Image.NEAREST), (label_w + c * (side + 2), y))
+            y += side + 2
+        y += 8
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--styles", type=Path, default=Path("sample_data/styles"))
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--work", type=Path, default=Path("style-figure"), help="folder for LoRAs, images, report.json")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (scored); the picture shows 2")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from sdlora.training import eval_style as E
+    metric, colour = E.default_metrics()
+    names, reports, rows = [], {}, []
+    for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
+        trig = trigger_for(folder)
+        r = E.evaluate(folder, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(), half=True,
+                       preset=None, overrides={"trigger": trig}, prompt_prefix=f"{trig}, ",
+                       seeds=tuple(range(a.seeds)), out_dir=a.work / folder.name)
+        print(r.summary(), flush=True)
+        names.append(folder.name)
+        reports[folder.name] = json.loads(r.to_json())
+        rows.append(table_row(folder.name, r))
+        n_prompts = len(r.prompts)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    figure(a.work, names, n_prompts, list(range(min(2, a.seeds)))).save(a.out)
+    (a.work / "report.json").write_text(json.dumps(reports, indent=1))
+    print("| style | style metric: base → LoRA 0.5 → LoRA 1 | LoRA nearer the style | shape followed, base → LoRA "
+          "| colour followed, base → LoRA | training |\n|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
