@@ -230,8 +230,9 @@ def run(args) -> int:
                                batch=args.batch, lora_dir=args.loras, mode=args.mix_mode)
     mixes = len({tuple(parse_prompt(p)[1]) for p in prompts})
     how, n = results[0].mode, len(results)
-    print(f"LoRA mix: {how} ({'one mix for' if how == 'patched' else f'{mixes} mixes routed per image over'} "
-          f"{n} image{'s' if n != 1 else ''} in one batch)")
+    if loras or any(parse_prompt(p)[1] for p in prompts):     # nothing to say without LoRAs
+        print(f"LoRA mix: {how} ({'one mix for' if how == 'patched' else f'{mixes} mixes routed per image over'} "
+              f"{n} image{'s' if n != 1 else ''} in one batch)")
     for r in results:
         print(save_png(r, args.out))
     return 0

@@ -30,8 +30,8 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.families import CONFIG_DIR, family_of_unet_config, get_family
 from sdlora.hashes import file_sha256
+from sdlora.sample_data import EMBEDDED_MODEL   # package data: found from any folder
 
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "sample_data" / "models" / "tiny-sd"
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."
 # which text-encoder key marks which family (LDM / SGM checkpoint layouts)

@@ -11,9 +11,9 @@ from sdlora.families import get_family
 from sdlora.ui.catalog import Catalog
 from sdlora.ui.jobs import DeviceLock, JobManager
 from sdlora.ui.paths import Roots
+from sdlora.sample_data import STYLES as SAMPLE_STYLES
 
 log = logging.getLogger("sdlora.ui")
-SAMPLE_STYLES = Path(__file__).resolve().parent.parent / "sample_data" / "styles"
 
 
 class UiContext:
