@@ -41,7 +41,6 @@ def random_unet(precision: str):
     """A real-size SD1.5 UNet with random weights, each Linear/Conv2d stored in `precision` as soon
     as it exists (peak: the stored model plus one fp32 layer)."""
     import torch
-    from torch import nn
     from sdlora.families import build_unet, load_config
     from sdlora.quant import _mmap_large_blocks, quantize_module, release_freed_memory
     if precision != "fp32":

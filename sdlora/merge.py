@@ -39,8 +39,9 @@ from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, mo
 from sdlora.atomic import as_oserror, atomic_save_file, clean_stale, replace_dir, temp_dir, umask
 from sdlora.formats.writer import lora_state_dict
 from sdlora.paths import explain_oserror, scan_tree
-from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, bias_deltas, check_fit, fused_bias,
-                           fused_weight, is_plain_lora, load_sources, lora_factors, plan)
+from sdlora.fusion import bias_deltas, fused_bias, fused_weight, is_plain_lora, lora_factors
+from sdlora.lora_cache import DEFAULT_CACHE, LoraCache
+from sdlora.mixplan import MixEntry, Target, check_fit, load_sources, plan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -13,7 +13,7 @@
 
 Each adapted module computes base(x) + Σ_k s_k·ΔW_k(x) for the rows of each sample group (a
 forward hook adds the update to the module's own output). Strengths s_k (UNet/text-encoder
-multiplier × block weight) and the order rules come from mixing.plan, so routing gives what
+multiplier × block weight) and the order rules come from mixplan.plan, so routing gives what
 patching gives:
   * plain LoRA/LoCon (Tucker `mid` folded): two small ops on the activations, op(x, down) then
     ·upᵀ, never ΔW. When most samples share the same LoRAs (an XY grid), all LoRAs of the module
@@ -51,9 +51,10 @@ import torch.nn.functional as F
 
 from sdlora.errors import SdloraError
 from sdlora.families import family_of_unet_config, get_family
-from sdlora.mixing import (DEFAULT_CACHE, LoraCache, MixEntry, Target, _components, bias_deltas, check_fit,
-                           component_configs, find_module, fused_weight, is_plain_lora, load_sources,
-                           mixer_for, plan)
+from sdlora.fusion import bias_deltas, fused_weight, is_plain_lora
+from sdlora.lora_cache import DEFAULT_CACHE, LoraCache
+from sdlora.mixing import mixer_for
+from sdlora.mixplan import MixEntry, Target, check_fit, component_configs, components_of, find_module, load_sources, plan
 
 Mix = Sequence[MixEntry]
 
@@ -160,7 +161,7 @@ class Router:
 
     def __init__(self, pipe_or_components, mixes: Sequence[Mix] = (), *, family: str | None = None,
                  cache: LoraCache | None = None):
-        self.components = _components(pipe_or_components)
+        self.components = components_of(pipe_or_components)
         if family is None:
             if "unet" not in self.components:
                 raise SdloraError("no unet to tell the model family from; pass family='sd1'|'sd2'|'sdxl'")
@@ -369,7 +370,7 @@ def use_mixes(pipe_or_components, mixes: Sequence[Mix], *, mode: str = "auto", c
 
 def _quantized(pipe_or_components) -> bool:
     from sdlora.quant import is_quantized
-    return any(is_quantized(m) for m in _components(pipe_or_components).values())
+    return any(is_quantized(m) for m in components_of(pipe_or_components).values())
 
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # first component -> its kept Router
@@ -382,7 +383,7 @@ def set_active(pipe_or_components, mix: Mix) -> str:
     if not _quantized(pipe_or_components):
         mixer_for(pipe_or_components).apply(list(mix))
         return "patched"
-    key = next(iter(_components(pipe_or_components).values()))
+    key = next(iter(components_of(pipe_or_components).values()))
     router = _KEPT.get(key)
     if router is None:
         router = Router(pipe_or_components, [tuple(mix)]) if mix else None
@@ -397,10 +398,10 @@ def set_active(pipe_or_components, mix: Mix) -> str:
 
 def kept_router(pipe_or_components) -> Router | None:
     """The Router set_active keeps on this model (None when it has no routed mix)."""
-    return _KEPT.get(next(iter(_components(pipe_or_components).values())))
+    return _KEPT.get(next(iter(components_of(pipe_or_components).values())))
 
 
 def drop_router(pipe_or_components) -> None:
-    router = _KEPT.pop(next(iter(_components(pipe_or_components).values())), None)
+    router = _KEPT.pop(next(iter(components_of(pipe_or_components).values())), None)
     if router is not None:
         router.close()

@@ -170,8 +170,8 @@ def test_cli(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def two_loras(embedded, tmp_path_factory):
     from mix_helpers import attention_paths, random_lora, write
-    from sdlora.mixing import _components, component_configs
-    comps = _components(embedded.pipe)
+    from sdlora.mixplan import component_configs, components_of
+    comps = components_of(embedded.pipe)
     folder = tmp_path_factory.mktemp("loras")
     configs = component_configs(comps)
     for name, seed in (("a", 1), ("b", 2)):

@@ -15,7 +15,8 @@ from sdlora.adapters import Adapter, LoRA
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.families import live_path, module_table
 from sdlora.merge import fuse, mix_loras, save_mix
-from sdlora.mixing import DEFAULT_CACHE, LoraCache, MixEntry, Mixer
+from sdlora.lora_cache import DEFAULT_CACHE
+from sdlora.mixing import LoraCache, MixEntry, Mixer
 from tiny import tiny_configs
 
 

@@ -10,7 +10,8 @@ from sdlora.adapters import Adapter, LoRA
 from sdlora.blocks import LISTS, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
 from sdlora.formats import read_lora
-from sdlora.mixing import LoraCache, MixEntry, Mixer, split_weight
+from sdlora.mixing import LoraCache, MixEntry, Mixer
+from sdlora.mixplan import split_weight
 from tiny import lora_pipeline, tiny_configs
 
 

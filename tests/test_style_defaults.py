@@ -2,7 +2,6 @@
 base model's own defaults), at reduced steps, moves the style metric of held-out prompts; and the
 shape check used on styled pictures agrees with the shapes the style images were drawn with."""
 import numpy as np
-import pytest
 
 from sdlora import metrics as M
 from sdlora.training import eval_style as E

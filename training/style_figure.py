@@ -16,7 +16,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 ROWS = (("base", "base"), ("half", "LoRA 0.5"), ("lora", "LoRA 1"))

@@ -66,7 +66,7 @@ class UiContext:
     def component_configs(self) -> dict:
         """The loaded model's component configs: mixes are checked against its real shapes."""
         from sdlora.families import get_family as fam
-        from sdlora.mixing import component_configs
+        from sdlora.mixplan import component_configs
         pipe = self.base.pipe
         return component_configs({c: getattr(pipe, c) for c in fam(self.family).components})
 
