@@ -54,11 +54,10 @@ def _quiet(loads_models: bool) -> None:
 
 def error_message(e: BaseException) -> tuple[str, int]:
     """(the line to print, the exit code) for an exception that reached the command line."""
-    from sdlora.paths import explain_oserror
-    if getattr(e, "user_facing", False) or isinstance(e, ValueError):
-        return f"sdlora: error: {e}", EXIT_ERROR
-    if isinstance(e, OSError):
-        return f"sdlora: error: {explain_oserror(e)}", EXIT_ERROR
+    from sdlora.errors import user_message
+    msg = user_message(e)
+    if msg is not None:
+        return f"sdlora: error: {msg}", EXIT_ERROR
     return (f"sdlora: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             "(a bug in sdlora, not in your input); rerun with --debug for the traceback and report it",
             EXIT_INTERNAL)

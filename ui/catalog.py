@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlora.errors import describe
 from sdlora.extra_networks import LoraRef, lora_files
 from sdlora.families import get_family
 
@@ -117,7 +118,7 @@ class Catalog:
                 try:
                     entry.info = inspect_lora(p)
                 except Exception as e:  # noqa: BLE001 - an unreadable file becomes a card that says why
-                    entry.error = str(e) if getattr(e, "user_facing", False) else f"{type(e).__name__}: {e}"
+                    entry.error = describe(e)
                 cached = (key, entry)
                 with self._lock:
                     self._cache[str(p)] = cached

@@ -5,7 +5,7 @@ import html
 import logging
 import traceback
 
-from sdlora.ui.jobs import error_text
+from sdlora.errors import describe, user_message
 
 log = logging.getLogger("sdlora.ui")
 
@@ -21,9 +21,9 @@ def status_html(text: str = "", kind: str = "info") -> str:
 
 def error_html(e: BaseException, what: str) -> str:
     """The page's message for a failed action; unexpected errors are logged with their traceback."""
-    if not (getattr(e, "user_facing", False) or isinstance(e, (FileNotFoundError, PermissionError))):
+    if user_message(e) is None:
         log.error("%s failed:\n%s", what, traceback.format_exc())
-    return status_html(f"{what} failed: {error_text(e)}", "error")
+    return status_html(f"{what} failed: {describe(e)}", "error")
 
 
 class GradioProgress:

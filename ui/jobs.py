@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, describe
 from sdlora.training.control import Progress, TrainingCallbacks, TrainingControl
 
 log = logging.getLogger("sdlora.ui")
@@ -167,12 +167,6 @@ class Job:
                     "active": self.active}
 
 
-def error_text(e: BaseException) -> str:
-    """One line for the page: the message of an expected error, type and message otherwise."""
-    return str(e) if getattr(e, "user_facing", False) or isinstance(e, (FileNotFoundError, PermissionError)) \
-        else f"{type(e).__name__}: {e}"
-
-
 class JobManager:
     """The server's jobs, shared by every page; one of each kind runs at a time."""
 
@@ -213,8 +207,8 @@ class JobManager:
                 job.update(status="done")
         except BaseException as e:  # noqa: BLE001 - a worker thread must record every failure
             log.error("job %s (%s) failed:\n%s", job.id, job.title, traceback.format_exc())
-            job.note(f"failed: {error_text(e)}")
-            job.update(status="failed", error=error_text(e))
+            job.note(f"failed: {describe(e)}")
+            job.update(status="failed", error=describe(e))
         finally:
             job.update(finished=time.time())
             if on_end is not None:
