@@ -11,15 +11,70 @@ overrides alpha/rank, and an A1111 `bias` tensor (weight-sized, despite the name
 unscaled update before scaling (`finalize_updown`). That offset may be a sparse COO tensor
 (LyCORIS extraction's `bias_indices/values/size`); it is densified per module only when used.
 A `diff_b` tensor beside any algorithm's parts (ComfyUI LoraSave with bias_diff) is Δb as is.
+
+A new algorithm is one class here: its `parts` (the normalized tensor names it owns, which is all
+the key parsers need to recognize them), `claims(parts)`, `build(module, parts, ...)` and its math,
+registered with `@register` in detection order. Algorithms recognized and refused are rows of
+`refuse(...)` in the same order. sdlora.formats.modules builds every module through this list.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
 import torch
+
+from sdlora.errors import LoraFormatError
+
+# detection order, ComfyUI's load_lora: LoRA, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, full, norm
+ALGORITHMS: list = []
+
+
+def register(cls):
+    """Add an algorithm class (or a refused one) to the end of the detection order."""
+    ALGORITHMS.append(cls)
+    return cls
+
+
+def known_parts() -> set[str]:
+    """Every tensor name some registered (or refused) algorithm owns."""
+    return {p for a in ALGORITHMS for p in a.parts}
+
+
+def scalar(t: torch.Tensor, module: str = "", part: str = "value") -> float:
+    """A 0-dim (or 1-element) tensor as a float; BF16 works (`.float()` first). Anything else (empty,
+    several values, NaN) is a damaged file: guessing which value was meant would patch wrongly."""
+    if t.numel() != 1:
+        raise LoraFormatError(f"{module}: {part} must be a single number, found a tensor of shape {list(t.shape)} "
+                              f"({t.numel()} values); the file is damaged or was written by a broken tool")
+    value = float(t.detach().float().reshape(-1)[0])
+    if value != value or value in (float("inf"), float("-inf")):
+        raise LoraFormatError(f"{module}: {part} is {value}, not a finite number; the file is damaged")
+    return value
+
+
+def need(module: str, parts: Mapping, names, algorithm: str) -> None:
+    missing = [n for n in names if n not in parts]
+    if missing:
+        raise LoraFormatError(f"{module}: incomplete {algorithm} module: has {sorted(parts)} but lacks {missing}")
 
 
 class Adapter:
     algorithm = "?"       # "lora", "locon", "loha", "lokr", "full", "norm", "ia3", "oft", "dora"
     additive = True       # W' = W + s·ΔW with ΔW independent of W (order-independent)
+    plain = False         # ΔW = scale·up @ down exactly (plain LoRA/LoCon): fused by matmul, routed as two ops
+    parts: tuple[str, ...] = ()       # the normalized tensor names this algorithm owns
+    modifiers: tuple[str, ...] = ()   # which generic modifiers it honours: "scale", "bias" (A1111's offset)
+
+    @classmethod
+    def claims(cls, parts: Mapping) -> bool:
+        """Whether a module with these parts is of this algorithm (asked in detection order)."""
+        return any(p in parts for p in cls.parts)
+
+    @classmethod
+    def build(cls, module: str, parts: Mapping, *, alpha=None, scale=None, offset=None) -> "Adapter":
+        """The adapter from a module's parts; alpha/scale/offset are the module's generic modifiers."""
+        raise NotImplementedError
 
     def __init__(self, tensors: dict[str, torch.Tensor], alpha: float | None = None,
                  scale_override: float | None = None):
@@ -106,6 +161,18 @@ class LoRA(Adapter):
     (peft tuners/lora/layer.py `merge`). `offset` is A1111's weight-sized `bias` modifier.
     """
     algorithm = "lora"
+    parts = ("up", "down", "mid", "up_bias")
+    modifiers = ("scale", "bias")
+
+    @classmethod
+    def claims(cls, parts):
+        return "up" in parts or "down" in parts
+
+    @classmethod
+    def build(cls, module, parts, *, alpha=None, scale=None, offset=None):
+        need(module, parts, ("up", "down"), "LoRA")
+        return cls(parts["up"], parts["down"], parts.get("mid"), alpha=alpha, bias=parts.get("up_bias"),
+                   scale_override=scale, offset=offset)
 
     def __init__(self, up, down, mid=None, alpha=None, bias=None, scale_override=None, offset=None):
         tensors = {"up": up, "down": down}
@@ -122,6 +189,17 @@ class LoRA(Adapter):
     @property
     def rank(self) -> int:
         return self.tensors["down"].shape[0]
+
+    @property
+    def plain(self) -> bool:
+        """No A1111 weight-sized `bias` offset: ΔW is exactly scale·up @ down."""
+        return "bias" not in self.tensors
+
+    def flat_factors(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up [out, r], down [r, in·kh·kw]) in fp32, scale not applied (Tucker `mid` folded into
+        down), so ΔW = scale·up @ down."""
+        down, up = self.factors((self.rank, -1), device)
+        return up, down
 
     def _out_numel(self):
         up, down, mid = self.tensors["up"], self.tensors["down"], self.tensors.get("mid")
@@ -181,6 +259,15 @@ class LoHa(Adapter):
     (LyCORIS functional/loha.py, ComfyUI weight_adapter/loha.py). Rank = w1b.shape[0].
     """
     algorithm = "loha"
+    parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    modifiers = ("scale", "bias")
+
+    @classmethod
+    def build(cls, module, parts, *, alpha=None, scale=None, offset=None):
+        need(module, parts, cls.parts[:4], "LoHa")
+        if ("hada_t1" in parts) != ("hada_t2" in parts):
+            raise LoraFormatError(f"{module}: LoHa has only one of hada_t1/hada_t2")
+        return cls(*(parts.get(n) for n in cls.parts), alpha=alpha, scale_override=scale, offset=offset)
 
     def __init__(self, w1a, w1b, w2a, w2b, t1=None, t2=None, alpha=None, scale_override=None, offset=None):
         tensors = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
@@ -246,10 +333,18 @@ class LoKr(Adapter):
     with both factors full, alpha is ignored and scale = 1 (lora-formats.md §4.4).
     """
     algorithm = "lokr"
-    _NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    modifiers = ("scale", "bias")
+
+    @classmethod
+    def build(cls, module, parts, *, alpha=None, scale=None, offset=None):
+        try:
+            return cls(parts, alpha=alpha, scale_override=scale, offset=offset)
+        except ValueError as e:
+            raise LoraFormatError(f"{module}: incomplete LoKr module ({e}); has {sorted(parts)}") from None
 
     def __init__(self, tensors: dict[str, torch.Tensor], alpha=None, scale_override=None, offset=None):
-        tensors = {k: v for k, v in tensors.items() if k in self._NAMES}
+        tensors = {k: v for k, v in tensors.items() if k in self.parts}
         if not ("lokr_w1" in tensors or {"lokr_w1_a", "lokr_w1_b"} <= tensors.keys()):
             raise ValueError("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
         if not ("lokr_w2" in tensors or {"lokr_w2_a", "lokr_w2_b"} <= tensors.keys()):
@@ -320,6 +415,11 @@ class Full(Adapter):
     modules/norms.py; ComfyUI treats both as `diff` patches). Either part may be absent.
     """
     algorithm = "full"
+    parts = ("diff", "diff_b")
+
+    @classmethod
+    def build(cls, module, parts, *, alpha=None, scale=None, offset=None):
+        return cls(*(parts.get(n) for n in cls.parts), algorithm=cls.algorithm)
 
     def __init__(self, diff=None, diff_b=None, algorithm: str = "full"):
         if diff is None and diff_b is None:
@@ -347,6 +447,12 @@ class Full(Adapter):
         return self._t("diff_b", bias) if "diff_b" in self.tensors else None
 
 
+class Norm(Full):
+    """Norm-layer deltas (LyCORIS modules/norms.py): ΔW = w_norm, Δb = b_norm, strength only."""
+    algorithm = "norm"
+    parts = ("w_norm", "b_norm")
+
+
 class IA3(Adapter):
     """(IA)³: W' = W ⊙ (1 + s·w), w scaling output rows (`on_input`=0) or input columns (=1).
 
@@ -354,6 +460,16 @@ class IA3(Adapter):
     """
     algorithm = "ia3"
     additive = False
+    parts = ("weight", "on_input")
+    modifiers = ("scale",)
+
+    @classmethod
+    def claims(cls, parts):
+        return "weight" in parts and "on_input" in parts
+
+    @classmethod
+    def build(cls, module, parts, *, alpha=None, scale=None, offset=None):
+        return cls(parts["weight"], bool(scalar(parts["on_input"], module, "on_input")), scale_override=scale)
 
     def __init__(self, weight, on_input: bool, scale_override=None):
         super().__init__({"weight": weight}, None, scale_override)
@@ -379,6 +495,18 @@ class OFT(Adapter):
     """
     algorithm = "oft"
     additive = False
+    parts = ("oft_blocks", "rescale")
+
+    @classmethod
+    def claims(cls, parts):
+        return "oft_blocks" in parts
+
+    @classmethod
+    def build(cls, module, parts, *, alpha=None, scale=None, offset=None):
+        if parts["oft_blocks"].dim() != 3:
+            raise LoraFormatError(f"{module}: oft_blocks must be [blocks, size, size], "
+                                  f"got {tuple(parts['oft_blocks'].shape)}")
+        return cls(parts["oft_blocks"], alpha=alpha, rescale=parts.get("rescale"))
 
     def __init__(self, oft_blocks, alpha=None, rescale=None):
         tensors = {"oft_blocks": oft_blocks}
@@ -484,3 +612,31 @@ class DoRA(Adapter):
 
     def bias_delta(self, bias):
         return self.inner.bias_delta(bias)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An algorithm recognized by its parts and refused with a message that names it."""
+    name: str
+    parts: tuple[str, ...]
+    message: str
+    when: Callable[[Mapping], bool] | None = None     # a further condition on the parts
+
+    def claims(self, parts: Mapping) -> bool:
+        return any(p in parts for p in self.parts) and (self.when is None or self.when(parts))
+
+    def build(self, module: str, parts: Mapping, **_) -> Adapter:
+        raise LoraFormatError(f"{module}: {self.message}")
+
+
+for _algorithm in (
+        LoRA, LoHa, LoKr,
+        Refused("GLoRA", ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"),
+                "GLoRA modules (a1/a2/b1/b2) are not supported; it is rare in SD files and its two tensor layouts "
+                "cannot be told apart reliably. Convert it to LoRA with LyCORIS."),
+        Refused("BOFT", ("oft_blocks",), "BOFT (butterfly OFT, 4-D oft_blocks) is not supported; merge it into the "
+                "model with LyCORIS instead", when=lambda p: p["oft_blocks"].dim() == 4),
+        Refused("old OFT", ("oft_diag",), "old LyCORIS OFT (oft_diag) is not supported; re-save it with a current "
+                "LyCORIS (oft_blocks) or merge it with LyCORIS"),
+        OFT, IA3, Full, Norm):
+    register(_algorithm)

@@ -1,26 +1,11 @@
 """A recipe's math on one module: the fused weight W0 + Σ s·ΔW (then the non-additive adapters),
-bias deltas, and plain-LoRA factors (what patching computes once and routing runs on activations).
+and bias deltas (plain LoRAs, adapters.LoRA.plain, summed in one matmul of their factors).
 """
 from __future__ import annotations
 
 import torch
 
-from sdlora.adapters import LoRA
-
 Recipe = tuple  # ((adapter, strength), ...) in entry order (sdlora.mixplan.plan)
-
-
-def is_plain_lora(ad) -> bool:
-    """A LoRA/LoCon whose ΔW is exactly scale·up @ down (no A1111 weight-sized `bias` offset)."""
-    return isinstance(ad, LoRA) and ad.algorithm in ("lora", "locon") and "bias" not in ad.tensors
-
-
-def lora_factors(ad: LoRA, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, r], down [r, in·kh·kw]) in fp32 of a plain LoRA/LoCon, scale not applied (Tucker
-    `mid` folded into down), so ΔW = scale·up @ down."""
-    r = ad.rank
-    down, up = ad.factors((r, -1), device)
-    return up, down
 
 
 def fused_weight(w0: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -32,8 +17,8 @@ def fused_weight(w0: torch.Tensor, recipe: Recipe, out: torch.Tensor | None = No
     """
     ups, downs, others = [], [], []
     for ad, s in recipe:
-        if ad.additive and is_plain_lora(ad):
-            up, down = lora_factors(ad, w0.device)
+        if ad.additive and ad.plain:
+            up, down = ad.flat_factors(w0.device)
             ups.append(up * (s * ad.scale))
             downs.append(down)
         elif ad.additive:

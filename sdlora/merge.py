@@ -39,7 +39,7 @@ from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, mo
 from sdlora.atomic import as_oserror, atomic_save_file, clean_stale, replace_dir, temp_dir, umask
 from sdlora.formats.writer import lora_state_dict
 from sdlora.paths import explain_oserror, scan_tree
-from sdlora.fusion import bias_deltas, fused_bias, fused_weight, is_plain_lora, lora_factors
+from sdlora.fusion import bias_deltas, fused_bias, fused_weight
 from sdlora.lora_cache import DEFAULT_CACHE, LoraCache
 from sdlora.mixplan import MixEntry, Target, check_fit, load_sources, plan
 
@@ -106,7 +106,7 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
     check_fit(entries, loras, lambda p: table[p].shape if p in table else None,
               get_family(family).components, target.unet_config)
     _refuse_unmergeable(entries, loras, recipes)
-    algos = sorted({ad.algorithm for r in recipes.values() for ad, _ in r if not is_plain_lora(ad)})
+    algos = sorted({ad.algorithm for r in recipes.values() for ad, _ in r if not ad.plain})
     if rank is None and algos:
         raise SdloraError(f"the inputs contain {', '.join(algos)} modules, which cannot be concatenated into a "
                           "plain LoRA exactly; pass --rank R to merge them by SVD")
@@ -120,8 +120,8 @@ def mix_loras(entries: list[MixEntry], *, rank: int | None = None, family: str |
         for path, recipe in recipes.items():
             shape = tuple(table[path].shape)
             comp = path.partition(".")[0]
-            if all(is_plain_lora(ad) for ad, _ in recipe):
-                ups, downs = zip(*(lora_factors(ad) for ad, _ in recipe))
+            if all(ad.plain for ad, _ in recipe):
+                ups, downs = zip(*(ad.flat_factors() for ad, _ in recipe))
                 up = torch.cat([u * (s * ad.scale) for u, (ad, s) in zip(ups, recipe)], dim=1)
                 down = torch.cat(downs, dim=0)
                 if rank is None:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from sdlora.errors import SdloraError
 from sdlora.families import family_of_unet_config, get_family
-from sdlora.fusion import bias_deltas, fused_weight, is_plain_lora
+from sdlora.fusion import bias_deltas, fused_weight
 from sdlora.lora_cache import DEFAULT_CACHE, LoraCache
 from sdlora.mixing import mixer_for
 from sdlora.mixplan import MixEntry, Target, check_fit, component_configs, components_of, find_module, load_sources, plan
@@ -243,8 +243,8 @@ class Router:
         for g, recipe in recipes.items():
             part = Group()
             low = _low_rank_ok(mod) and all(ad.additive for ad, _ in recipe)
-            plain = [(ad, s) for ad, s in recipe if low and is_plain_lora(ad)]
-            rest = [(ad, s) for ad, s in recipe if not (low and is_plain_lora(ad))]
+            plain = [(ad, s) for ad, s in recipe if low and ad.plain]
+            rest = [(ad, s) for ad, s in recipe if not (low and ad.plain)]
             if plain:
                 lora_groups[g] = [(ad, s * ad.scale) for ad, s in plain]
                 downs, ups = zip(*(self._lora(ad, w) for ad, _ in plain))

@@ -186,3 +186,50 @@ def test_modifiers_bias_scale_and_peft_bias():
     b = rnd(4)
     close(LoRA(up, down, alpha=1.0, bias=b).bias_delta(rnd(4)), b * 0.5)  # PEFT lora_B.bias · scaling
     assert LoRA(up, down).bias_delta(rnd(4)) is None
+
+
+def test_a_new_algorithm_is_one_registered_class(tmp_path):
+    """A made-up algorithm (ΔW = 2·toy_w, one tensor per module) added by one class: the reader
+    recognizes its tensor name in kohya keys, builds it, and the Mixer patches it (W0 + s·2·toy_w);
+    unregistered, the same file is refused as having an unknown part."""
+    from safetensors.torch import save_file
+    from sdlora import adapters
+    from sdlora.errors import SdloraError
+    from sdlora.formats import read_lora
+    from sdlora.mixing import MixEntry, Mixer
+    from sdlora.mixplan import component_configs, components_of
+    from tinypipe import tiny_pipeline
+
+    @adapters.register
+    class Toy(adapters.Adapter):
+        algorithm = "toy"
+        parts = ("toy_w",)
+
+        @classmethod
+        def build(cls, module, parts, **_):
+            return cls({"toy_w": parts["toy_w"]})
+
+        def _out_numel(self):
+            return self.tensors["toy_w"].shape[0], self.tensors["toy_w"].numel()
+
+        def _raw(self, weight):
+            return 2 * self._t("toy_w", weight)
+
+    pipe = tiny_pipeline("sd1")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    w0 = pipe.unet.get_submodule(name).weight.detach().clone()
+    toy_w = torch.randn(w0.shape, generator=torch.Generator().manual_seed(0))
+    f = tmp_path / "toy.safetensors"
+    save_file({f"lora_unet_{name.replace('.', '_')}.toy_w": toy_w}, str(f))
+    configs = component_configs(components_of(pipe))
+    try:
+        lora = read_lora(f, family="sd1", configs=configs)
+        assert [type(ad).__name__ for ad in lora.patches.values()] == ["Toy"]
+        mixer = Mixer(pipe)
+        mixer.apply([MixEntry(str(f), unet=0.5)])
+        torch.testing.assert_close(pipe.unet.get_submodule(name).weight, w0 + 0.5 * 2 * toy_w, rtol=0, atol=1e-6)
+        mixer.restore()
+    finally:
+        adapters.ALGORITHMS.remove(Toy)
+    with pytest.raises(SdloraError, match="toy_w"):
+        read_lora(f, family="sd1", configs=configs)

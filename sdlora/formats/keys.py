@@ -8,19 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sdlora.adapters import ALGORITHMS, LoRA, known_parts
 from sdlora.formats import comfy, diffusers, kohya
+from sdlora.formats.modules import MODIFIERS, SPARSE_PARTS
 
-# kohya/LyCORIS suffixes after the first dot -> normalized part (identity unless renamed)
-KOHYA_PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
-               "lora_B.weight": "up", "lora_A.weight": "down"}
-LYCORIS_PARTS = ("alpha", "scale", "bias", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
-                 "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                 "lokr_t2", "diff", "diff_b", "w_norm", "b_norm", "oft_blocks", "oft_diag", "rescale", "weight",
-                 "on_input", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight",
-                 "bias_indices", "bias_values", "bias_size")  # last three: LyCORIS extraction's sparse residual
-KOHYA_PARTS.update({p: p for p in LYCORIS_PARTS})
-# LyCORIS suffixes also seen after dotted diffusers names (not the bare weight/bias/scale)
-DOTTED_EXTRA = tuple(p for p in LYCORIS_PARTS if p not in ("weight", "bias", "scale"))
+# LoRA's parts as the underscore (kohya) scheme spells them; every other part is written under its
+# own name (LyCORIS style): the registered algorithms' parts and the modifiers
+KOHYA_LORA_PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
+                    "lora_B.weight": "up", "lora_A.weight": "down"}
+OWN_NAME_MODIFIERS = frozenset(m for m in MODIFIERS if m != "magnitude") | frozenset(SPARSE_PARTS)  # PEFT's is dotted
+_own: tuple[int, frozenset] = (-1, frozenset())
+
+
+def own_name_parts() -> frozenset[str]:
+    """Parts written under their own names: every registered algorithm's (LoRA's excepted) and the modifiers."""
+    global _own
+    if _own[0] != len(ALGORITHMS):        # an algorithm registered since (sdlora.adapters.register)
+        _own = (len(ALGORITHMS), frozenset(known_parts() - set(LoRA.parts)) | OWN_NAME_MODIFIERS)
+    return _own[1]
+
+
 BUNDLE_PREFIX = "bundle_emb."
 
 
@@ -43,7 +50,8 @@ def _split_dotted(key: str):
     got = diffusers.split_key(key)
     if got is not None:
         return got
-    for part in sorted(DOTTED_EXTRA, key=len, reverse=True):
+    # LyCORIS parts also seen after dotted diffusers names (not the bare weight/bias/scale)
+    for part in sorted(own_name_parts() - {"weight", "bias", "scale"}, key=len, reverse=True):
         if key.endswith("." + part):
             return key[: -len(part) - 1], part
     return None
@@ -58,7 +66,8 @@ def parse_keys(names) -> ParsedKeys:
             continue
         if kohya.claims(key):
             module, suffix = kohya.split_key(key)
-            part, scheme = KOHYA_PARTS.get(suffix), "kohya"
+            part = KOHYA_LORA_PARTS.get(suffix) or (suffix if suffix in own_name_parts() else None)
+            scheme = "kohya"
         else:
             got = _split_dotted(key)
             (module, part) = got if got else (None, None)

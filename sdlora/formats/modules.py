@@ -1,37 +1,21 @@
 """Turn one module's tensors (by normalized part) into an adapter (lora-formats.md §4.13).
 
-Detection order as ComfyUI's `load_lora`: LoRA (up/down), LoHa, LoKr, GLoRA, OFT/BOFT, IA3,
-full (`diff`), norm (`w_norm`). Modifiers: `alpha`, `scale`, A1111 `bias`, LyCORIS' sparse
-`bias_indices/bias_values/bias_size`, `diff_b` beside a LoRA (ComfyUI), `dora_scale` /
-PEFT `lora_magnitude_vector` (wraps the adapter in DoRA).
+The algorithm is the first of adapters.ALGORITHMS (ComfyUI's detection order) that claims the
+parts, and it builds itself from them. What is generic is done here, for every algorithm: the
+modifiers `alpha`, `scale`, A1111 `bias`, LyCORIS' sparse `bias_indices/bias_values/bias_size`,
+`diff_b` beside a LoRA (ComfyUI), `dora_scale` / PEFT `lora_magnitude_vector` (wraps the adapter
+in DoRA), and the shape check.
 """
 from __future__ import annotations
 
 import torch
 
-from sdlora.adapters import IA3, OFT, Adapter, DoRA, Full, LoHa, LoKr, LoRA
+from sdlora.adapters import ALGORITHMS, Adapter, DoRA, scalar
 from sdlora.errors import LoraFormatError
 
-MODIFIERS = {"alpha", "scale", "bias", "dora_scale", "magnitude"}
+# parts any algorithm may carry beside its own (the algorithms' own parts: adapters.known_parts())
+MODIFIERS = ("alpha", "scale", "bias", "dora_scale", "magnitude", "diff_b")
 SPARSE_PARTS = ("bias_indices", "bias_values", "bias_size")
-
-
-def scalar(t: torch.Tensor, module: str = "", part: str = "value") -> float:
-    """A 0-dim (or 1-element) tensor as a float; BF16 works (`.float()` first). Anything else (empty,
-    several values, NaN) is a damaged file: guessing which value was meant would patch wrongly."""
-    if t.numel() != 1:
-        raise LoraFormatError(f"{module}: {part} must be a single number, found a tensor of shape {list(t.shape)} "
-                              f"({t.numel()} values); the file is damaged or was written by a broken tool")
-    value = float(t.detach().float().reshape(-1)[0])
-    if value != value or value in (float("inf"), float("-inf")):
-        raise LoraFormatError(f"{module}: {part} is {value}, not a finite number; the file is damaged")
-    return value
-
-
-def _need(parts, module, names, algorithm):
-    missing = [n for n in names if n not in parts]
-    if missing:
-        raise LoraFormatError(f"{module}: incomplete {algorithm} module: has {sorted(parts)} but lacks {missing}")
 
 
 def sparse_offset(module: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,51 +53,11 @@ def build_adapter(module: str, parts: dict[str, torch.Tensor], alpha: float | No
         offset = sparse_offset(module, parts)
         used |= set(SPARSE_PARTS)
         parts = dict(parts, bias=offset)
-    modifiers = {"scale", "bias"} & parts.keys()  # honoured by LoRA/LoHa/LoKr (A1111 finalize_updown)
-    if "up" in parts or "down" in parts:
-        _need(parts, module, ("up", "down"), "LoRA")
-        ad = LoRA(parts["up"], parts["down"], parts.get("mid"), alpha=alpha, bias=parts.get("up_bias"),
-                  scale_override=scale, offset=offset)
-        used |= ({"up", "down", "mid", "up_bias"} & parts.keys()) | modifiers
-    elif "hada_w1_a" in parts:
-        names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
-        _need(parts, module, names, "LoHa")
-        if ("hada_t1" in parts) != ("hada_t2" in parts):
-            raise LoraFormatError(f"{module}: LoHa has only one of hada_t1/hada_t2")
-        ad = LoHa(*(parts[n] for n in names), parts.get("hada_t1"), parts.get("hada_t2"), alpha=alpha,
-                  scale_override=scale, offset=offset)
-        used |= set(names) | ({"hada_t1", "hada_t2"} & parts.keys()) | modifiers
-    elif any(p.startswith("lokr_") for p in parts):
-        try:
-            ad = LoKr(parts, alpha=alpha, scale_override=scale, offset=offset)
-        except ValueError as e:
-            raise LoraFormatError(f"{module}: incomplete LoKr module ({e}); has {sorted(parts)}") from None
-        used |= {p for p in parts if p.startswith("lokr_")} | modifiers
-    elif "a1.weight" in parts:
-        raise LoraFormatError(f"{module}: GLoRA modules (a1/a2/b1/b2) are not supported; it is rare in SD files and "
-                              "its two tensor layouts cannot be told apart reliably. Convert it to LoRA with LyCORIS.")
-    elif "oft_blocks" in parts and parts["oft_blocks"].dim() == 4:
-        raise LoraFormatError(f"{module}: BOFT (butterfly OFT, 4-D oft_blocks) is not supported; "
-                              "merge it into the model with LyCORIS instead")
-    elif "oft_diag" in parts:
-        raise LoraFormatError(f"{module}: old LyCORIS OFT (oft_diag) is not supported; re-save it with a current "
-                              "LyCORIS (oft_blocks) or merge it with LyCORIS")
-    elif "oft_blocks" in parts:
-        if parts["oft_blocks"].dim() != 3:
-            raise LoraFormatError(f"{module}: oft_blocks must be [blocks, size, size], got {tuple(parts['oft_blocks'].shape)}")
-        ad = OFT(parts["oft_blocks"], alpha=alpha, rescale=parts.get("rescale"))
-        used |= {"oft_blocks", "rescale"} & parts.keys()
-    elif "weight" in parts and "on_input" in parts:
-        ad = IA3(parts["weight"], bool(scalar(parts["on_input"], module, "on_input")), scale_override=scale)
-        used |= {"weight", "on_input"} | ({"scale"} & parts.keys())
-    elif "diff" in parts or "diff_b" in parts:
-        ad = Full(parts.get("diff"), parts.get("diff_b"))
-        used |= {"diff", "diff_b"} & parts.keys()
-    elif "w_norm" in parts or "b_norm" in parts:
-        ad = Full(parts.get("w_norm"), parts.get("b_norm"), algorithm="norm")
-        used |= {"w_norm", "b_norm"} & parts.keys()
-    else:
+    cls = next((a for a in ALGORITHMS if a.claims(parts)), None)
+    if cls is None:
         raise LoraFormatError(f"{module}: no known LoRA algorithm for parts {sorted(parts)}")
+    ad = cls.build(module, parts, alpha=alpha, scale=scale, offset=offset)
+    used |= (set(cls.parts) | set(cls.modifiers)) & parts.keys()
     if "diff_b" in parts and "diff_b" not in ad.tensors:
         # ComfyUI LoraSave (bias_diff=True) writes a bias difference beside a module's lora_up/down
         ad.tensors["diff_b"] = parts["diff_b"]
