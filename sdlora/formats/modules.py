@@ -1,4 +1,4 @@
-"""Turn one module's tensors (by normalized part) into an adapter (lora-formats.md §4.13).
+"""Turn one module's tensors (by normalized part) into an adapter (docs/formats.md "From tensors to an adapter").
 
 Detection order as ComfyUI's `load_lora`: LoRA (up/down), LoHa, LoKr, GLoRA, OFT/BOFT, IA3,
 full (`diff`), norm (`w_norm`). Modifiers: `alpha`, `scale`, A1111 `bias`, LyCORIS' sparse
