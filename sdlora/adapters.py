@@ -330,7 +330,7 @@ class LoKr(Adapter):
     w1 = lokr_w1 [a, c] or lokr_w1_a [a, r] @ lokr_w1_b [r, c]; w2 = lokr_w2 [b, d(, kh, kw)] or
     lokr_w2_a [b, r] @ lokr_w2_b [r, d·kh·kw], or Tucker t2 [r, r, kh, kw] with w2_a [r, b], w2_b [r, d].
     Scale: alpha / r only when a factor is decomposed (r = its inner dim, w2's when both are);
-    with both factors full, alpha is ignored and scale = 1 (lora-formats.md §4.4).
+    with both factors full, alpha is ignored and scale = 1 (docs/formats.md "Alpha and scale").
     """
     algorithm = "lokr"
     parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")

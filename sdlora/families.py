@@ -168,7 +168,7 @@ def _module_table(family: str, configs_json: str, include_norms: bool = False) -
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusers <-> LDM/SGM UNet names (lora-formats.md §3)
+# diffusers <-> LDM/SGM UNet names (docs/formats.md "UNet names")
 
 _RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -2,7 +2,7 @@
 
 Format, algorithm(s), family (and why), rank/alpha from the tensors (metadata can say "Dynamic"),
 modules per component, metadata (`ss_*`, `modelspec.*`, `ssmd_*`; the huge `ssmd_cover_images`
-dropped), trigger words (lora-formats.md §5.4 order) and the ecosystem's hashes.
+dropped), trigger words (docs/formats.md "Trigger words" order) and the ecosystem's hashes.
 `inspect_lora(path)` returns the same information as a dict (the UI's library uses it).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _split_words(text: str) -> list[str]:
 
 
 def trigger_words(metadata: dict[str, str], path: Path | None = None, embeddings=(), top: int = TOP_TAGS):
-    """(words, where they came from), in the order of lora-formats.md §5.4."""
+    """(words, where they came from), in the order of docs/formats.md "Trigger words"."""
     if metadata.get("ssmd_keywords", "").strip():
         return _split_words(metadata["ssmd_keywords"]), "ssmd_keywords"
     if metadata.get("modelspec.trigger_phrase", "").strip():

@@ -61,7 +61,7 @@ def test_bad_specs_say_what_is_expected(spec, text):
 def test_slots_of_modules():
     sd1, xl = load_config("sd1", "unet"), load_config("sdxl", "unet")
     w = dict(zip(SLOTS, range(26)))
-    cases = [  # (path, unet config, slot by hand from lora-formats.md §3/§7; None: outside every block)
+    cases = [  # (path, unet config, slot by hand, docs/formats.md "Block weights"; None: outside every block)
         ("text_encoder.text_model.encoder.layers.5.self_attn.q_proj", sd1, "BASE"),
         ("text_encoder_2.text_model.encoder.layers.5.mlp.fc1", xl, "BASE"),
         ("unet.conv_in", sd1, "IN00"),

@@ -50,7 +50,7 @@ def test_matches_diffusers_per_component_weights(tmp_path, family):
     assert len(changed) == len(attention_paths(comps))  # every LoRA module and nothing else
 
 
-# LBW slot -> diffusers' per-transformer UNet scale position, by hand from lora-formats.md §3/§7
+# LBW slot -> diffusers' per-transformer UNet scale position, by hand from docs/formats.md "Block weights"
 DIFFUSERS_BLOCKS = {
     "sd1": ({"block_0": ["IN01", "IN02"], "block_1": ["IN04", "IN05"], "block_2": ["IN07", "IN08"]},
             {"block_1": ["OUT03", "OUT04", "OUT05"], "block_2": ["OUT06", "OUT07", "OUT08"],
@@ -92,7 +92,8 @@ def test_block_weights_resnets_and_outside_modules():
              "unet.down_blocks.3.resnets.1.conv2", "unet.up_blocks.0.resnets.2.conv1",
              "unet.up_blocks.0.upsamplers.0.conv", "unet.mid_block.resnets.1.time_emb_proj",
              "unet.time_embedding.linear_1", "unet.conv_out", "text_encoder.text_model.encoder.layers.1.mlp.fc2"]
-    slots = ["IN00", "IN01", "IN03", "IN11", "OUT02", "OUT02", "M00", None, None, "BASE"]  # hand-mapped (§3)
+    # slots by hand from docs/formats.md "UNet names" and "Block weights"
+    slots = ["IN00", "IN01", "IN03", "IN11", "OUT02", "OUT02", "M00", None, None, "BASE"]
     lora = lora_file(random_lora(comps, paths, seed=3), "sd1")
     values26 = [round(0.1 * i - 1.0, 2) for i in range(26)]
     lbw26 = dict(zip(["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)],

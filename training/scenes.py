@@ -6,9 +6,13 @@ background"). Unnamed attributes are drawn at random, so short prompts work too.
 pairs are held out of training (HELD_OUT) so the quality check can test prompts never seen.
 
 Broad images (random colours, gradients, stripes, checkers, halftone dots, outlines, glow, noise)
-exist only to teach the VAE to represent what the scenes never show; see
-docs/tiny-model-notes.md: a VAE trained on the scenes alone cannot decode an unseen style, and a
-style LoRA on top cannot learn what the VAE cannot decode.
+exist only to teach the VAE to represent what the scenes never show. Latent diffusion can only
+produce what its VAE can decode, so a style LoRA cannot learn a look the VAE cannot represent. In an
+early probe, a VAE trained on scenes alone reconstructed an unseen style (pink background, thick
+black outlines) with about 11x its in-domain error, and a UNet LoRA trained on that style never
+produced the pink background. The same VAE budget spent on half scenes and half broad images kept
+scene quality and cut that error by about 2.6x. make_base_model trains the VAE on equal numbers of
+both.
 
 Everything is drawn with numpy/PIL from a `numpy.random.Generator`, so a seed fixes every image.
 """

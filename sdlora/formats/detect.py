@@ -1,4 +1,4 @@
-"""What kind of file is this, and which model family is it for (lora-formats.md §2.6, §6).
+"""What kind of file is this, and which model family is it for (docs/formats.md "File kinds", "Family detection").
 
 `refuse_non_lora` rejects, with a message that says what the file is, the things that sit in
 LoRA folders but are not SD LoRAs: cloneofsimo "safeloras", full checkpoints, textual-inversion
@@ -137,7 +137,7 @@ def _undecided_why(names: list[str]) -> str:
 
 
 def tensor_family(header: Header, parsed: ParsedKeys) -> tuple[tuple[str, ...], str]:
-    """(families the keys and shapes fit, why): the evidence of §6 without the metadata."""
+    """(families the keys and shapes fit, why): docs/formats.md "Family detection" without the metadata."""
     names = list(parsed.modules)
     xl = [n for n in names if _SDXL_ONLY.search(n)]
     sd = [n for n in names if _SD12_ONLY.search(n)]

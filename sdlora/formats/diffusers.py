@@ -1,4 +1,4 @@
-"""diffusers / PEFT dotted key names (lora-formats.md §2.4).
+"""diffusers / PEFT dotted key names (docs/formats.md "Dotted names").
 
 Flavours: PEFT (`unet.<path>.lora_A.weight`, `.lora_B.weight`, optional `.default` adapter name,
 `lora_B.bias`, `lora_magnitude_vector`), raw PEFT saves (`base_model.model.<path>`), the old

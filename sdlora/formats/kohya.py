@@ -1,4 +1,4 @@
-"""kohya / A1111 / Civitai / LyCORIS underscore key names (lora-formats.md §2.1-2.3).
+"""kohya / A1111 / Civitai / LyCORIS underscore key names (docs/formats.md "Underscore names").
 
 A key is `<prefix><module path with "." -> "_">.<suffix>`; the module is everything before the
 first dot (A1111 `key.split(".", 1)`). The flattening cannot be inverted (`to_q`, `proj_in`,

@@ -1,4 +1,4 @@
-"""Turn one module's tensors (by normalized part) into an adapter (lora-formats.md §4.13).
+"""Turn one module's tensors (by normalized part) into an adapter (docs/formats.md "From tensors to an adapter").
 
 The algorithm is the first of adapters.ALGORITHMS (ComfyUI's detection order) that claims the
 parts, and it builds itself from them. What is generic is done here, for every algorithm: the

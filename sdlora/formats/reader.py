@@ -1,6 +1,6 @@
 """`read_lora`: any SD LoRA file (or state dict) -> the normalized form (`LoraFile`).
 
-Steps (lora-formats.md §10): read the header; refuse what is not an SD LoRA; detect the family
+Steps (docs/formats.md "Reading a file"): read the header; refuse what is not an SD LoRA; detect the family
 and check it against the caller's; parse keys into modules; load tensors (refusing NaN/inf);
 look module names up in tables built from the target model's canonical names; build one adapter
 per module and check its shape against the target weight. Nothing is dropped silently: keys that
