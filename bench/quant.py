@@ -120,10 +120,10 @@ def realsize(a) -> dict:
 
 def style(a) -> dict:
     """eval_style's procedure with the fp32 and the NF4 base, same seeds."""
-    from sdlora.metrics import style_score
+    from tools.metrics import style_score
     from sdlora.mixing import MixEntry, Mixer
     from sdlora.pipelines import load_base
-    from sdlora.training.eval_style import evaluate
+    from tools.eval_style import evaluate
     from sdlora.training.sampling import generate
     style_dir = ROOT / "sample_data" / "styles" / a.style
     tmp = Path(tempfile.mkdtemp(prefix="sdlora-bench-quant-style-"))

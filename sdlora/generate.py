@@ -186,13 +186,11 @@ def add_arguments(parser, name: str = "generate") -> None:
 
 def add_base_precision_argument(parser) -> None:
     """--base-precision, with the choices and help text of the training option of the same name."""
-    from sdlora.training.config import TrainConfig
-    import dataclasses
-    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == "base_precision")
-    parser.add_argument("--base-precision", default=f.default, choices=f.metadata["choices"],
-                        help=f.metadata["help"].replace("the mixed-precision dtype", "--dtype")
+    from sdlora import precisions
+    parser.add_argument("--base-precision", default=precisions.DEFAULT, choices=precisions.CHOICES,
+                        help=precisions.HELP.replace("the mixed-precision dtype", "--dtype")
                         .replace("LoRA weights stay fp32", "LoRAs are routed, never patched in")
-                        + f" [default: {f.default}]")
+                        + f" [default: {precisions.DEFAULT}]")
 
 
 def prompts_of(args) -> list[str]:

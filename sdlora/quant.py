@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlora.errors import SdloraError
+from sdlora.precisions import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "nf4")
 CASTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 NF4_BLOCK = 64          # QLoRA's (and bitsandbytes') block size

@@ -1,11 +1,11 @@
-"""training.eval_style's mechanics on a tiny random model (the real learning check needs the
-embedded base model and sample_data/styles: run `python -m sdlora.training.eval_style` then)."""
+"""tools.eval_style's mechanics on a tiny random model (the real learning check needs the
+embedded base model and sample_data/styles: run `python -m tools.eval_style` then)."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from sdlora.errors import SdloraError
-from sdlora.training import eval_style as E
+from tools import eval_style as E
 from tinypipe import tiny_pipeline
 from trainkit import make_folder
 

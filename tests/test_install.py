@@ -28,3 +28,16 @@ def test_the_wheel_ships_the_embedded_model_styles_and_presets(tmp_path):
     presets = [p.name for p in (ROOT / "training" / "presets").glob("*.toml")]
     assert presets and all(f"sdlora/training/presets/{p}" in names for p in presets)
     assert "sdlora/sample_data/__init__.py" in names and "sdlora/ui/style.css" in names
+
+
+def test_the_core_imports_no_trainer_ui_or_tools_module():
+    """Every module of sdlora/ (but the cli front door) imported alone pulls in no sdlora.training,
+    sdlora.ui or tools module."""
+    core = sorted(p for p in (ROOT / "sdlora").rglob("*.py") if p.name != "cli.py")
+    names = [".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in core]
+    code = ("import importlib, sys\nbad = {}\nfor n in %r:\n    before = set(sys.modules)\n    importlib.import_module(n)\n"
+            "    new = [m for m in sys.modules if m.startswith(('sdlora.training', 'sdlora.ui', 'tools'))]\n"
+            "    if new: bad[n] = new\nprint(bad)" % names)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "{}", run.stdout[-1000:]

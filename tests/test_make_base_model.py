@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.pipelines import load_base
-from sdlora.training import make_base_model as M
+from tools import make_base_model as M
 
 
 def _weights(folder, part):

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdlora.metrics import (StyleMetric, background_noise, classify_background, classify_colour, classify_shape,
+from tools.metrics import (StyleMetric, background_noise, classify_background, classify_colour, classify_shape,
                             load_images)
-from sdlora.training import make_styles
-from sdlora.training import scenes as S
+from tools import make_styles
+from tools import scenes as S
 
 STYLES_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "styles"
 
@@ -80,7 +80,7 @@ def test_style_metric_is_deterministic():
 
 
 def test_plain_functions_for_eval_style():
-    from sdlora.metrics import follows_colour, style_score
+    from tools.metrics import follows_colour, style_score
     folder = STYLES_DIR / "halftone"
     style_image = load_images(folder)[0]
     scene = S.render_scene(S.sample_scene(np.random.default_rng(5), colour="blue", shape="square"))

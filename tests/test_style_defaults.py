@@ -3,10 +3,10 @@ base model's own defaults), at reduced steps, moves the style metric of held-out
 shape check used on styled pictures agrees with the shapes the style images were drawn with."""
 import numpy as np
 
-from sdlora import metrics as M
-from sdlora.training import eval_style as E
-from sdlora.training import make_styles as MS
-from sdlora.training import scenes as S
+from tools import metrics as M
+from tools import eval_style as E
+from tools import make_styles as MS
+from tools import scenes as S
 from sdlora.training.config import build_config
 
 NEON = "sample_data/styles/neon"

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlora import precisions
 from sdlora.errors import SdloraError
 
 if sys.version_info >= (3, 11):
@@ -132,11 +133,7 @@ class TrainConfig:
     # --- speed / precision ---
     mixed_precision: str = opt("no", "no (fp32), fp16 or bf16: base weights are stored in that dtype, LoRA "
                                      "weights stay fp32", "speed", choices=["no", "fp16", "bf16"])
-    base_precision: str = opt("auto", "how the frozen UNet/text-encoder Linear and conv weights are stored: auto "
-                                      "(the mixed-precision dtype, as before), fp32, bf16, fp16, fp8 (kohya's "
-                                      "--fp8_base), int8 or nf4 (QLoRA; int8/nf4 need bitsandbytes: "
-                                      "sdlora[quant]); LoRA weights stay fp32", "speed",
-                              choices=["auto", "fp32", "bf16", "fp16", "fp8", "int8", "nf4"])
+    base_precision: str = opt(precisions.DEFAULT, precisions.HELP, "speed", choices=list(precisions.CHOICES))
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet", "speed")
     cache_latents: str = opt("memory", "encode every image once with the VAE and keep the latents in memory "
                                        "or on disk (none: encode each step)", "speed",

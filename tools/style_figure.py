@@ -2,7 +2,7 @@
 (what `sdlora train FOLDER --trigger W --out X` does, no other option), then show base / LoRA at
 weight 0.5 / LoRA at weight 1 on the same prompts (not in the captions) and seeds.
 
-    python -m sdlora.training.style_figure --out docs/styles.png [--styles sample_data/styles] [--work DIR]
+    python -m tools.style_figure --out docs/styles.png [--styles sample_data/styles] [--work DIR]
 
 Every number comes from training/eval_style.py (the images in the picture are the ones it scored);
 the trigger of a folder is training/make_styles.TRIGGERS' (else the folder's name + "style").
@@ -22,7 +22,7 @@ ROWS = (("base", "base"), ("half", "LoRA 0.5"), ("lora", "LoRA 1"))
 
 
 def trigger_for(folder: Path) -> str:
-    from sdlora.training.make_styles import TRIGGERS
+    from tools.make_styles import TRIGGERS
     return TRIGGERS.get(folder.name, f"{folder.name}style")
 
 
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from sdlora.training import eval_style as E
+    from tools import eval_style as E
     metric, colour = E.default_metrics()
     names, reports, rows = [], {}, []
     for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):

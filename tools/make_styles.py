@@ -1,7 +1,7 @@
 """Sample style folders (sample_data/styles/<style>/): the base model's scene content drawn in
 looks it never produces, each image with a caption "<trigger>, <content>".
 
-    python -m sdlora.training.make_styles --out sample_data/styles [--count 16] [--seed 0]
+    python -m tools.make_styles --out sample_data/styles [--count 16] [--seed 0]
 
   neon      glowing bright outlines, no fill, on near-black      "neonstyle, a red circle on a black background"
   halftone  shapes and background printed as dot screens on paper "halftonestyle, a blue square"
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from sdlora.training import scenes as S
+from tools import scenes as S
 
 TRIGGERS = {"neon": "neonstyle", "halftone": "halftonestyle", "toon": "toonstyle"}
 PAPER = (244, 236, 214)

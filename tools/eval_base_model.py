@@ -1,10 +1,10 @@
 """Does the embedded base model follow its prompts? (a measurement, not a test)
 
-    python -m sdlora.training.eval_base_model [--model DIR] [--seeds 6] [--styles sample_data/styles]
+    python -m tools.eval_base_model [--model DIR] [--seeds 6] [--styles sample_data/styles]
 
 For every colour/shape pair held out of training (scenes.HELD_OUT), prompts with and without a
 named background are generated with the `generate` defaults (DPM++ 2M Karras, 20 steps, CFG 7) on
-fixed seeds; the deterministic classifiers of sdlora.metrics say which colour and shape each image
+fixed seeds; the deterministic classifiers of tools.metrics say which colour and shape each image
 shows, which named colour its background is, and how flat that background is. The bar, on held-out
 pairs: colour right in >= 95% of images, shape in >= 85%, a named background followed in >= 80%, and
 >= 90% of backgrounds flat (noise <= FLAT_NOISE, the level of the VAE's own reconstructions of flat
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdlora.metrics import background_noise, classify_background, classify_colour, classify_shape
-from sdlora.training import scenes as S
+from tools.metrics import background_noise, classify_background, classify_colour, classify_shape
+from tools import scenes as S
 
 STEPS, CFG = 20, 7.0
 BAR = {"colour": 0.95, "shape": 0.85, "background": 0.80, "flat": 0.90}
@@ -76,8 +76,8 @@ def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images
 
 def vae_report(vae, styles_dir=None) -> dict[str, float]:
     """VAE reconstruction MSE (pixels in [0, 1]) on fresh scenes, fresh broad images and each style folder."""
-    from sdlora.metrics import load_images
-    from sdlora.training.make_base_model import vae_mse
+    from tools.metrics import load_images
+    from tools.make_base_model import vae_mse
     rng = np.random.default_rng(12345)
     out = {"scenes": vae_mse(vae, S.scenes(rng, 256)[0]), "broad": vae_mse(vae, S.broad_images(rng, 256))}
     for folder in sorted(d for d in Path(styles_dir).iterdir() if d.is_dir()) if styles_dir else []:
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     report = {"held_out_pairs": held, "seen_pairs": seen, "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
     report["vae_mse"] = vae_report(pipe.vae, a.styles)
     if a.styles:
-        from sdlora.metrics import StyleMetric
+        from tools.metrics import StyleMetric
         for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
             metric = StyleMetric.for_folder(folder)
             scores = metric.scores(images)

@@ -1,7 +1,7 @@
 """Does a trained style LoRA learn the style? Train on a style folder, then compare generations.
 
-    python -m sdlora.training.eval_style sample_data/styles/halftone --out eval-halftone
-    python -m sdlora.training.eval_style STYLE_DIR --metric mypkg.metrics:style_score --steps 300
+    python -m tools.eval_style sample_data/styles/halftone --out eval-halftone
+    python -m tools.eval_style STYLE_DIR --metric mypkg.metrics:style_score --steps 300
 
 1. Generate images with the base model for prompts that are NOT captions of the style folder
    (fixed seeds), 2. train a LoRA on the folder with a preset ("tiny CPU demo" by default),
@@ -11,8 +11,8 @@
 Metrics are plain functions so any scorer can be plugged in:
     style metric:  fn(image: PIL.Image, style_dir: Path) -> float   (higher = more like the style)
     colour check:  fn(image: PIL.Image, colour: str) -> bool
-By default they are `sdlora.metrics.style_score` (the StyleMetric of the style folder: 0 = like
-the base scenes, 1 = like the style images) and `sdlora.metrics.follows_colour`; pass `--metric`
+By default they are `tools.metrics.style_score` (the StyleMetric of the style folder: 0 = like
+the base scenes, 1 = like the style images) and `tools.metrics.follows_colour`; pass `--metric`
 (and `--colour-metric`) as `module:function` to use others.
 The report (JSON + a printed table) holds every score, so numbers can go to the README.
 """
@@ -94,13 +94,13 @@ def load_function(spec: str):
 
 
 def default_metrics():
-    """(style metric, colour check): sdlora.metrics' StyleMetric score and colour classifier."""
-    from sdlora.metrics import follows_colour, style_score
+    """(style metric, colour check): tools.metrics' StyleMetric score and colour classifier."""
+    from tools.metrics import follows_colour, style_score
     return style_score, follows_colour
 
 
 def default_shape_metric():
-    from sdlora.metrics import follows_shape
+    from tools.metrics import follows_shape
     return follows_shape
 
 
@@ -206,8 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--half", action="store_true", help="also score the LoRA at weight 0.5")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the preset's)")
     p.add_argument("--base", default="", help="base model (default: the embedded one)")
-    p.add_argument("--metric", help="style metric as module:function (default: sdlora.metrics.style_score)")
-    p.add_argument("--colour-metric", help="colour check as module:function (default: sdlora.metrics.follows_colour)")
+    p.add_argument("--metric", help="style metric as module:function (default: tools.metrics.style_score)")
+    p.add_argument("--colour-metric", help="colour check as module:function (default: tools.metrics.follows_colour)")
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
     p.add_argument("--prompt-prefix", default="", help="put before every prompt (e.g. the trigger word + ', ')")
     p.add_argument("--seeds", type=int, default=4)

@@ -5,8 +5,8 @@ The hub is not reachable here, but the PyPI package `open-clip-torch` (MIT) ship
 their `</w>` forms, the first 48,894 merges, then the two special tokens: 49,408 ids), which is
 exactly the vocabulary of `openai/clip-vit-large-patch14` that SD1.x/SDXL tokenizers use.
 
-    python -m sdlora.training.make_tokenizer --out sdlora/configs/tokenizer
-    python -m sdlora.training.make_tokenizer --bpe path/to/bpe_simple_vocab_16e6.txt.gz --out DIR
+    python -m tools.make_tokenizer --out sdlora/configs/tokenizer
+    python -m tools.make_tokenizer --bpe path/to/bpe_simple_vocab_16e6.txt.gz --out DIR
 
 Without --bpe the wheel is fetched with `pip download --no-deps open-clip-torch` (no install).
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdlora.training.scenes import COLOURS, NEUTRALS, SIZE
+from tools.scenes import COLOURS, NEUTRALS, SIZE
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _NAMES = list(COLOURS) + list(NEUTRALS)
@@ -243,7 +243,7 @@ class StyleMetric:
     @classmethod
     def for_folder(cls, folder, *, n_reference: int = 200, seed: int = 0) -> "StyleMetric":
         """The metric of a style folder against procedural base scenes (seeded, so deterministic)."""
-        from sdlora.training.scenes import scenes
+        from tools.scenes import scenes
         images = load_images(folder)
         if not images:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in style folder {folder}")
@@ -265,7 +265,7 @@ class StyleMetric:
 
 
 # ---------------------------------------------------------------------------------------------
-# plain functions, the signatures training.eval_style plugs in
+# plain functions, the signatures tools.eval_style plugs in
 
 _METRICS: dict[str, StyleMetric] = {}
 

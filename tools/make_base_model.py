@@ -1,7 +1,7 @@
 """Train the embedded tiny Stable Diffusion (sample_data/models/tiny-sd) from scratch on a CPU.
 
-    python -m sdlora.training.make_base_model --out stage1
-    python -m sdlora.training.make_base_model --out sample_data/models/tiny-sd --init-unet stage1 \
+    python -m tools.make_base_model --out stage1
+    python -m tools.make_base_model --out sample_data/models/tiny-sd --init-unet stage1 \
         --unet-steps 1500 --unet-lr 3e-4
 
 (the shipped model: the second run continues the first one's UNet at a lower learning rate, with
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from sdlora.atomic import replace_dir, temp_dir, umask
 from sdlora.families import CONFIG_DIR, load_config
-from sdlora.training import scenes as S
+from tools import scenes as S
 
 TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
 TE_WIDTH = 64
@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     caption_idx = torch.tensor([index[s.caption] for s in specs])
     log(f"{len(captions)} distinct captions embedded")
 
-    from sdlora.training.eval_base_model import evaluate
+    from tools.eval_base_model import evaluate
 
     def on_eval(unet, te, step):
         pipe = assemble(vae, te or text_encoder, unet, scaling)
@@ -433,7 +433,7 @@ def main(argv=None) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
     origin = f"its UNet continued from {a.init_unet}" if a.init_unet else "trained from scratch"
     card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
-            f"{origin} on procedural scenes by\n`python -m sdlora.training.make_base_model "
+            f"{origin} on procedural scenes by\n`python -m tools.make_base_model "
             f"--out DIR --seed {a.seed}` ({minutes:.1f} minutes wall, {cpu_minutes:.1f} minutes CPU, "
             f"{a.threads} thread{'s' if a.threads > 1 else ''}{', VAE from cache' if vae_cached else ''}).\n\n"
             f"```json\n{json.dumps(dict(settings, vae_mse=errors, scaling_factor=scaling), indent=1)}\n```\n")
