@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from mix_helpers import attention_paths, lora_file, random_lora  # noqa: E402
+from loras import attention_paths, lora_file, random_lora  # noqa: E402
 
 from sdlora.families import build_unet, load_config  # noqa: E402
 from sdlora.mixing import MixEntry, Mixer  # noqa: E402

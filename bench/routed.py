@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from mix_helpers import attention_paths, components, lora_file, random_lora  # noqa: E402
+from loras import attention_paths, components, lora_file, random_lora  # noqa: E402
 from test_routing import ALGOS, _mixes, patched_per_sample, probe, rel, outputs  # noqa: E402
 
 from sdlora.families import build_unet, load_config  # noqa: E402

@@ -80,7 +80,7 @@ def build_pipeline(size: str, seed: int = 0):
     import torch
     if size == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
-        from tinypipe import tiny_pipeline
+        from tiny import tiny_pipeline
         return tiny_pipeline("sd1", seed)
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 import sdlora.training.checkpoint as ckpt  # noqa: E402
 import sdlora.training.trainer as trainer_mod  # noqa: E402
 from sdlora.training import Trainer  # noqa: E402
-from tinypipe import tiny_pipeline  # noqa: E402
+from tiny import tiny_pipeline  # noqa: E402
 from trainkit import tiny_cfg  # noqa: E402
 
 work, probe = Path(sys.argv[1]), Path(sys.argv[2])

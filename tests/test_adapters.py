@@ -198,7 +198,7 @@ def test_a_new_algorithm_is_one_registered_class(tmp_path):
     from sdlora.formats import read_lora
     from sdlora.mixing import MixEntry, Mixer
     from sdlora.mixplan import component_configs, components_of
-    from tinypipe import tiny_pipeline
+    from tiny import tiny_pipeline
 
     @adapters.register
     class Toy(adapters.Adapter):

@@ -216,9 +216,9 @@ def test_mix_disk_full_inside_safetensors_and_read_only_leave_nothing(tmp_path, 
 
 def test_fuse_disk_full_inside_safetensors_leaves_nothing(tmp_path, capsys, monkeypatch):
     import sdlora.merge as merge
-    from mix_helpers import pipeline_folder
+    from loras import pipeline_folder
     base = pipeline_folder("sd1", tmp_path / "base")
-    from mix_helpers import attention_paths, components, random_lora, write
+    from loras import attention_paths, components, random_lora, write
     comps = components("sd1")
     a = write(tmp_path / "a.safetensors", random_lora(comps, attention_paths(comps)[:2]), "sd1")
     before = _snapshot(tmp_path)
@@ -236,7 +236,7 @@ def test_fuse_disk_full_inside_safetensors_leaves_nothing(tmp_path, capsys, monk
 
 
 def test_outputs_get_the_umask_modes(tmp_path, capsys):
-    from mix_helpers import attention_paths, components, pipeline_folder, random_lora, write
+    from loras import attention_paths, components, pipeline_folder, random_lora, write
     old = os.umask(0o022)
     try:
         a, b = _good_inputs(tmp_path)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from sdlora.errors import SdloraError
 from tools import eval_style as E
-from tinypipe import tiny_pipeline
+from tiny import tiny_pipeline
 from trainkit import make_folder
 
 

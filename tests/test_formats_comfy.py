@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_refs import lora_pair, table
-from mix_helpers import attention_paths, components, modules, pipeline_folder, weight
+from loras import lora_pair, table
+from loras import attention_paths, components, modules, pipeline_folder, weight
 from sdlora.errors import LoraFormatError
 from sdlora.families import build_unet, kohya_name, ldm_unet_name, live_path
 from sdlora.formats import read_lora

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_refs import assert_matches_diffusers, linear_conv, lora_pair
+from loras import assert_matches_diffusers, linear_conv, lora_pair
 from sdlora.formats import read_lora
 from tiny import tiny_components, tiny_configs
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_refs import assert_matches_diffusers, linear_conv, lora_pair, table
+from loras import assert_matches_diffusers, linear_conv, lora_pair, table
 from sdlora.families import kohya_name
 from sdlora.formats import read_lora
 from tiny import tiny_configs

@@ -169,7 +169,7 @@ def test_cli(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def two_loras(embedded, tmp_path_factory):
-    from mix_helpers import attention_paths, random_lora, write
+    from loras import attention_paths, random_lora, write
     from sdlora.mixplan import component_configs, components_of
     comps = components_of(embedded.pipe)
     folder = tmp_path_factory.mktemp("loras")

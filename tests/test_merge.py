@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mix_helpers import lora_file, random_lora, attention_paths, components, diffusers_fuse, pipeline_folder, weight, write
+from loras import lora_file, random_lora, attention_paths, components, diffusers_fuse, pipeline_folder, weight, write
 from sdlora import cli
 from sdlora.formats import read_lora
 from sdlora.adapters import Adapter, LoRA

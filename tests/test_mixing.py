@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from mix_helpers import lora_file, random_lora, attention_paths, components, diffusers_fuse, modules, state, weight, write
+from loras import lora_file, random_lora, attention_paths, components, diffusers_fuse, modules, state, weight, write
 from sdlora.adapters import Adapter, LoRA
 from sdlora.blocks import LISTS, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError

@@ -5,9 +5,9 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.families import live_path
 from sdlora.network import LoRANetwork, NetworkSpec
-from tinypipe import TE_COMPS, tiny_pipeline
-from tinypipe import probe_inputs as _inputs
-from tinypipe import probe_outputs as _outputs
+from tiny import TE_COMPS, tiny_pipeline
+from tiny import probe_inputs as _inputs
+from tiny import probe_outputs as _outputs
 
 
 def _components(pipe):

@@ -16,8 +16,8 @@ from sdlora.mixing import MixEntry, Mixer, patched_mixer
 from sdlora.network import LoRANetwork, NetworkSpec
 from sdlora.routing import Router, kept_router
 from sdlora.training import train
-from mix_helpers import attention_paths, lora_file, random_lora
-from tinypipe import probe_inputs, probe_outputs, tiny_pipeline
+from loras import attention_paths, lora_file, random_lora
+from tiny import probe_inputs, probe_outputs, tiny_pipeline
 from trainkit import ctrl_c_at, tiny_cfg
 
 BF = pytest.importorskip("bitsandbytes.functional")

@@ -6,7 +6,7 @@ the same UNet and text-encoder outputs (max |a−b| / max |b| ≤ 1e-4 in fp32) 
 import pytest
 import torch
 
-from mix_helpers import attention_paths, components, lora_file, random_lora, state, write
+from loras import attention_paths, components, lora_file, random_lora, state, write
 from sdlora.adapters import IA3, OFT, DoRA, Full, LoHa, LoKr, LoRA
 from sdlora.errors import SdloraError
 from sdlora.families import canonical_name, live_path

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.mixing import MixEntry, Mixer
 from sdlora.training import Trainer, TrainingCallbacks, TrainingControl, TrainingError, train
-from tinypipe import probe_outputs, tiny_pipeline
+from tiny import probe_outputs, tiny_pipeline
 from trainkit import ctrl_c_at, make_folder, tiny_cfg
 
 
@@ -84,7 +84,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 def test_ctrl_c_prints_one_resume_command_that_finishes_the_run(tmp_path, capsys, monkeypatch):
     from sdlora.cli import main
     from sdlora.training import cli as train_cli
-    from tinypipe import save_tiny_pipeline
+    from tiny import save_tiny_pipeline
     monkeypatch.chdir(tmp_path)
     save_tiny_pipeline(tmp_path / "base", "sd1")
     make_folder(tmp_path / "imgs", n=4)
@@ -249,7 +249,7 @@ def test_fp16_vae_nan_latents_are_detected_and_upcast():
 def test_cli_end_to_end_plan_metadata_and_hashes(tmp_path, capsys, monkeypatch):
     from sdlora.cli import main
     monkeypatch.chdir(tmp_path)        # checkpoints default to ./checkpoints/NAME
-    from tinypipe import save_tiny_pipeline
+    from tiny import save_tiny_pipeline
     save_tiny_pipeline(tmp_path / "base", "sd1")
     data = make_folder(tmp_path / "imgs" / "3_zzt style", n=3)
     (data / "img0.txt").unlink()

@@ -20,7 +20,8 @@ from sdlora.infotext import read_png
 from sdlora.ui import paths
 from sdlora.ui.jobs import DeviceLock, Job, JobError, JobManager
 from sdlora.ui.paths import PathError, Roots, UploadError
-from uikit import base_spec, lora_delta, write_lora, write_sdxl_lora
+from tiny import base_spec
+from loras import lora_delta, write_lora, write_sdxl_lora
 
 STYLES = os.path.join(os.path.dirname(__file__), "..", "sample_data", "styles")
 
@@ -392,7 +393,7 @@ def test_lora_folder_lists_only_loras(tmp_path):
     extensions are no LoRAs: not in the pickers, not as cards, not found by <lora:NAME>."""
     from sdlora.extra_networks import find_lora
     from sdlora.ui.catalog import Catalog
-    from uikit import tiny_configs
+    from tiny import tiny_configs
     configs = tiny_configs("sd1")
     loras = tmp_path / "loras"
     write_lora(loras / "neon.safetensors", "sd1", configs, seed=1)

@@ -20,7 +20,8 @@ import pytest
 from sdlora.formats import read_lora
 from sdlora.hashes import addnet_hash
 from sdlora.infotext import read_png
-from uikit import base_spec, write_lora, write_sdxl_lora
+from tiny import base_spec
+from loras import write_lora, write_sdxl_lora
 
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "test-output" / "screenshots"

@@ -1,10 +1,12 @@
-"""Shared helpers of the mixing/merge tests: cached tiny models, LoRA files, diffusers reference."""
+"""LoRAs for tests: random adapters for tiny (or real-size) models, LoRA files, and diffusers' own
+load+fuse as the reference they are checked against."""
 import copy
 import functools
+from pathlib import Path
 
 import torch
 
-from sdlora.families import canonical_modules, get_family, live_path
+from sdlora.families import canonical_modules, get_family, live_path, module_table
 from sdlora.adapters import LoRA
 from sdlora.formats.reader import LoraFile
 from sdlora.formats.writer import save_lora
@@ -37,8 +39,10 @@ def attention_paths(comps) -> list[str]:
 
 
 def weight(comps, path) -> torch.Tensor:
+    """The live weight at a canonical path (under a PEFT wrapper, its base layer's)."""
     comp = comps[path.split(".")[0]]
-    return comp.get_submodule(live_path(comp, path)).weight
+    mod = comp.get_submodule(live_path(comp, path))
+    return (mod.base_layer if hasattr(mod, "base_layer") else mod).weight
 
 
 def write(path, patches, family, configs=None):
@@ -111,3 +115,84 @@ def random_lora(comps, paths, rank=4, seed=0, alpha=None, scale=0.1):
 def lora_file(patches, family) -> LoraFile:
     """An in-memory LoraFile (what read_lora returns) for adapters built by a test."""
     return LoraFile(patches, family, format="kohya")
+
+
+# ---------------------------------------------------------------------------------------------
+# references: diffusers' own load + fuse
+
+def table(family):
+    """Canonical path -> ModuleInfo for every Linear/Conv2d/norm/embedding of the tiny model."""
+    return module_table(family, tiny_configs(family), include_norms=True)
+
+
+def linear_conv(family):
+    """Canonical path -> ModuleInfo for every Linear/Conv2d of the tiny model."""
+    return module_table(family, tiny_configs(family))
+
+
+def lora_pair(shape, rank, g, dtype=torch.float32):
+    out, inn, k = shape[0], shape[1], tuple(shape[2:])
+    down = torch.randn(rank, inn, *k, generator=g) * 0.5
+    up = torch.randn(out, rank, *([1, 1] if k else []), generator=g) * 0.5
+    return up.to(dtype), down.to(dtype)
+
+
+def diffusers_deltas(family, lora_path):
+    """canonical path -> ΔW that diffusers' load_lora_weights + fuse_lora apply to the tiny model."""
+    comps = tiny_components(family)
+    before = {p: weight(comps, p).detach().clone() for p in linear_conv(family)}
+    pipe = lora_pipeline(family, comps)
+    pipe.load_lora_weights(str(lora_path))
+    pipe.fuse_lora(components=list(comps))
+    out = {}
+    for p, w0 in before.items():
+        d = weight(comps, p).detach() - w0
+        if d.abs().max() > 0:
+            out[p] = d
+    return out, before
+
+
+def assert_matches_diffusers(lf, family, lora_path, tol=1e-4):
+    ref, base = diffusers_deltas(family, lora_path)
+    assert set(ref) == set(lf.patches), (set(ref) ^ set(lf.patches))
+    for p, ad in lf.patches.items():
+        torch.testing.assert_close(ad.delta(base[p]), ref[p], rtol=tol, atol=tol, msg=p)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA files for a model given by its configs (the UI tests' embedded model)
+
+ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def lora_patches(family: str, configs: dict, *, seed: int, rank: int = 4, scale: float = 0.3) -> dict:
+    """Random plain LoRAs on every attention projection (UNet and text encoders) of a model."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for path, info in module_table(family, configs).items():
+        if path.rsplit(".", 1)[-1] in ATTN or path.endswith("to_out.0"):
+            o, i = info.shape[0], info.shape[1]
+            out[path] = LoRA(torch.randn(o, rank, generator=g) * scale, torch.randn(rank, i, generator=g) * scale,
+                             alpha=float(rank))
+    return out
+
+
+def write_lora(path: Path, family: str, configs: dict, *, seed: int, metadata: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lora(path, lora_patches(family, configs, seed=seed), family, metadata=metadata or {},
+              unet_config=configs.get("unet"))
+    return path
+
+
+def write_sdxl_lora(path: Path) -> Path:
+    """A LoRA with SDXL key names (kohya lora_te1_/lora_te2_/lora_unet_ SGM spelling): the wrong family
+    for an SD1 base."""
+    return write_lora(path, "sdxl", tiny_configs("sdxl"), seed=99, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+
+
+def lora_delta(tensors: dict, name: str) -> torch.Tensor:
+    """ΔW of one kohya module straight from a file's tensors: (alpha / rank) · up @ down."""
+    up, down = tensors[f"{name}.lora_up.weight"].float(), tensors[f"{name}.lora_down.weight"].float()
+    rank = down.shape[0]
+    alpha = float(tensors[f"{name}.alpha"]) if f"{name}.alpha" in tensors else rank
+    return (alpha / rank) * (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1))
