@@ -1,0 +1,90 @@
+"""Several LoRAs in one run (training.multi): each job equals its solo run; steps, resume, CLI."""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sdlora.errors import SdloraError
+from sdlora.training import train
+from sdlora.training.multi import train_many
+from tinypipe import tiny_pipeline
+from trainkit import ctrl_c_at, make_folder, tiny_cfg
+
+
+def _jobs(tmp_path, tag, **kw):
+    """Two jobs on different folders with their own trigger, rank, lr and (job b) text-encoder LoRA."""
+    a = make_folder(tmp_path / "data_a", n=4, seed=1)
+    b = make_folder(tmp_path / "data_b", n=6, seed=2)
+    common = dict(kw)
+    ja = tiny_cfg(tmp_path, f"{tag}-a", data_dir=str(a), trigger="zza", rank=4, unet_lr=1e-2, **common)
+    jb = tiny_cfg(tmp_path, f"{tag}-b", data_dir=str(b), trigger="zzb", rank=2, unet_lr=3e-3, seed=7,
+                  train_text_encoder=True, text_encoder_lr=5e-3, **common)
+    return [ja, jb]
+
+
+def _max_rel(ours: dict, ref: dict, keys) -> float:
+    """max |ours - ref| over the tensors `keys`, relative to the largest |ref| among them."""
+    num = max(float((ours[k] - ref[k]).abs().max()) for k in keys)
+    return num / max(float(ref[k].abs().max()) for k in keys)
+
+
+def test_one_step_equals_each_job_trained_alone(tmp_path):
+    # Adam's first step is lr * g / (|g| + eps): with the default eps 1e-8 it is lr * sign(g), and
+    # elements whose gradient is ~1e-8 (or exactly 0 in theory, e.g. the 1-token self-attention q/k of
+    # the tiny mid block) flip on float rounding. eps = 1 makes the step proportional to the gradient
+    # (an SGD step), so the files compare the gradients themselves.
+    cfgs = _jobs(tmp_path, "multi", steps=1, adam_epsilon=1.0)
+    results = train_many(cfgs, base=tiny_pipeline("sd1"))
+    assert [r.status for r in results] == ["done", "done"]
+    for cfg, res in zip(cfgs, results):
+        solo_cfg = cfg.replace(output=str(Path(cfg.output).with_name("solo-" + Path(cfg.output).name)),
+                               checkpoint_dir=cfg.checkpoint_dir + "-solo")
+        solo = train(solo_cfg, base=tiny_pipeline("sd1"))
+        ours, ref = load_file(res.output), load_file(solo.output)
+        assert ours.keys() == ref.keys()
+        ups = [k for k in ref if k.endswith("lora_up.weight")]
+        downs = [k for k in ref if k.endswith("lora_down.weight")]
+        assert max(float(ref[k].abs().max()) for k in ups) > 0      # one step really changed the LoRA
+        if cfg.train_text_encoder:
+            assert any(k.startswith("lora_te") for k in ups)
+            assert max(float(ref[k].abs().max()) for k in ups if k.startswith("lora_te")) > 0
+        assert _max_rel(ours, ref, ups) <= 1e-5
+        assert _max_rel(ours, ref, downs) <= 1e-5
+
+
+def test_jobs_with_different_step_counts_write_their_own_ss_steps(tmp_path):
+    a, b = _jobs(tmp_path, "steps")
+    results = train_many([a.replace(steps=2), b.replace(steps=3)], base=tiny_pipeline("sd1"))
+    assert [r.step for r in results] == [2, 3]
+    for res, steps, trigger in zip(results, ("2", "3"), ("zza", "zzb")):
+        with safe_open(res.output, "pt") as f:
+            md = f.metadata()
+        assert md["ss_steps"] == steps and md["ss_output_name"] == Path(res.output).stem
+        assert trigger in md["ss_tag_frequency"]
+
+
+def test_resumed_multi_run_equals_uninterrupted(tmp_path):
+    opts = dict(steps=4, grad_accum=2, lr_scheduler="cosine", noise_offset=0.05, random_flip=True,
+                caption_dropout=0.25)
+    full = train_many(_jobs(tmp_path, "full", **opts), base=tiny_pipeline("sd1"))
+    cfgs = _jobs(tmp_path, "cut", **opts)
+    cut = train_many(cfgs, callbacks=[ctrl_c_at(2), None], base=tiny_pipeline("sd1"))
+    assert [(r.status, r.step) for r in cut] == [("interrupted", 2), ("interrupted", 2)]
+    resumed = train_many([c.replace(resume=str(r.checkpoint)) for c, r in zip(cfgs, cut)],
+                         base=tiny_pipeline("sd1"))
+    for f, r in zip(full, resumed):
+        assert r.step == 4
+        ta, tb = load_file(f.output), load_file(r.output)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), k
+
+
+def test_options_of_the_shared_base_must_agree(tmp_path):
+    a, b = _jobs(tmp_path, "bad")
+    with pytest.raises(SdloraError, match="--mixed-precision differs"):
+        train_many([a, b.replace(mixed_precision="bf16")], base=tiny_pipeline("sd1"))
+    with pytest.raises(SdloraError, match="both write the output file"):
+        train_many([a, b.replace(output=a.output)], base=tiny_pipeline("sd1"))
