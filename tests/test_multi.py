@@ -88,3 +88,49 @@ def test_options_of_the_shared_base_must_agree(tmp_path):
         train_many([a, b.replace(mixed_precision="bf16")], base=tiny_pipeline("sd1"))
     with pytest.raises(SdloraError, match="both write the output file"):
         train_many([a, b.replace(output=a.output)], base=tiny_pipeline("sd1"))
+
+
+CLI_OPTS = ["--base", "base", "--resolution", "32", "--steps", "2", "--batch-size", "2", "--rank", "4",
+            "--seed", "0", "--device", "cpu", "--save-precision", "fp32", "--no-preview"]
+
+
+@pytest.fixture
+def cli_dir(tmp_path, monkeypatch):
+    from tinypipe import save_tiny_pipeline
+    monkeypatch.chdir(tmp_path)
+    save_tiny_pipeline(tmp_path / "base", "sd1")
+    make_folder(tmp_path / "ink", n=4, seed=1)
+    make_folder(tmp_path / "neon", n=4, seed=2)
+    return tmp_path
+
+
+def test_cli_two_folders_write_two_files_and_out_is_refused(cli_dir, capsys):
+    from sdlora.cli import main
+    assert main(["train", "ink", "neon", "--out-dir", "loras", *CLI_OPTS]) == 0
+    out = capsys.readouterr().out
+    assert "job 1/2" in out and "job 2/2" in out                    # the plan lists each job
+    for name in ("ink", "neon"):
+        with safe_open(cli_dir / "loras" / f"{name}.safetensors", "pt") as f:
+            assert f.metadata()["ss_output_name"] == name and f.metadata()["ss_steps"] == "2"
+    assert main(["train", "ink", "neon", "--out", "x.safetensors", *CLI_OPTS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out-dir" in err[0]
+    assert not (cli_dir / "x.safetensors").exists()
+
+
+def test_cli_toml_jobs_get_their_own_rank_and_learning_rate(cli_dir):
+    from sdlora.cli import main
+    (cli_dir / "jobs.toml").write_text(
+        'base = "base"\nresolution = 32\nsteps = 2\nbatch_size = 2\ndevice = "cpu"\npreview = false\n'
+        'out_dir = "loras"\n\n'
+        '[[job]]\ndata_dir = "ink"\ntrigger = "zzink"\nrank = 2\nunet_lr = 2e-3\n\n'
+        '[[job]]\ndata_dir = "neon"\ntrigger = "zzneon"\nrank = 6\nunet_lr = 5e-4\nsteps = 3\n')
+    assert main(["train", "--config", "jobs.toml"]) == 0
+    for name, rank, lr, steps in (("ink", 2, "0.002", "2"), ("neon", 6, "0.0005", "3")):
+        path = cli_dir / "loras" / f"{name}.safetensors"
+        tensors = load_file(path)
+        downs = [t for k, t in tensors.items() if k.endswith("lora_down.weight")]
+        assert downs and all(t.shape[0] == rank for t in downs)
+        with safe_open(path, "pt") as f:
+            md = f.metadata()
+        assert md["ss_network_dim"] == str(rank) and md["ss_unet_lr"] == lr and md["ss_steps"] == steps

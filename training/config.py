@@ -293,16 +293,47 @@ def _check_keys(data: dict, where: str) -> dict:
     return flat
 
 
-def load_toml(path) -> dict:
-    """The options set in a TOML file (keys are the field names; [group] tables allowed)."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SdloraError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SdloraError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_toml(path) -> dict:
+    """The options set in a TOML file (keys are the field names; [group] tables allowed)."""
+    path = Path(path)
+    data = _read_toml(path)
+    if "job" in data:
+        raise SdloraError(f"config file {path} has [[job]] tables (several LoRAs in one run): use it as "
+                          "`sdlora train --config FILE --out-dir DIR`, not as a preset or a single run's config")
     return _check_keys(data, str(path))
+
+
+def has_jobs(path) -> bool:
+    """Whether a TOML file describes several jobs (a [[job]] array)."""
+    return "job" in _read_toml(Path(path))
+
+
+def load_jobs(path) -> tuple[dict, list[dict], str]:
+    """(shared options, one dict of options per [[job]] table, out_dir) of a several-LoRA TOML file:
+    top-level keys are shared by every job, each [[job]] sets its own (data_dir, trigger, rank, ...)."""
+    path = Path(path)
+    data = _read_toml(path)
+    jobs = data.pop("job", [])
+    if not isinstance(jobs, list) or not jobs or not all(isinstance(j, dict) for j in jobs):
+        raise SdloraError(f"config file {path}: `job` must be an array of tables ([[job]] sections), one per LoRA")
+    out_dir = data.pop("out_dir", "")
+    if not isinstance(out_dir, str):
+        raise SdloraError(f"config file {path}: out_dir must be a folder path string, got {out_dir!r}")
+    shared = _check_keys(data, str(path))
+    tables = [_check_keys(j, f"{path} [[job]] {i}") for i, j in enumerate(jobs, 1)]
+    for i, t in enumerate(tables, 1):
+        if not t.get("data_dir"):
+            raise SdloraError(f"config file {path} [[job]] {i}: no data_dir; give each job its folder of images")
+    return shared, tables, out_dir
 
 
 def presets() -> dict[str, Path]:
