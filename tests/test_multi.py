@@ -134,3 +134,68 @@ def test_cli_toml_jobs_get_their_own_rank_and_learning_rate(cli_dir):
         with safe_open(path, "pt") as f:
             md = f.metadata()
         assert md["ss_network_dim"] == str(rank) and md["ss_unet_lr"] == lr and md["ss_steps"] == steps
+
+
+# ------------------------------------------------------------------------------------------------
+# --base-lora: training on top of a LoRA stack
+
+def test_base_lora_stack_trains_on_top_and_equals_mixer_of_both_files(tmp_path):
+    from sdlora.hashes import addnet_hash
+    from sdlora.mixing import MixEntry, Mixer
+    from sdlora.training import Trainer
+    from tinypipe import probe_outputs
+    first = train(tiny_cfg(tmp_path, "under", steps=2, train_text_encoder=True), base=tiny_pipeline("sd1"))
+    pipe = tiny_pipeline("sd1")
+    cfg = tiny_cfg(tmp_path, "top", steps=2, seed=3, train_text_encoder=True,
+                   base_lora=[f"{first.output}:0.7"])
+    trainer = Trainer(cfg, base=pipe)
+    trainer.prepare()
+    result = trainer.run()
+    trainer.network.eval()
+    live = probe_outputs(pipe)                        # base + the stack + the new LoRA, as trained
+    both = tiny_pipeline("sd1")
+    Mixer(both).apply([MixEntry(str(first.output), unet=0.7, text_encoder=0.7), MixEntry(str(result.output))])
+    ref = probe_outputs(both)
+    alone = tiny_pipeline("sd1")
+    Mixer(alone).apply([MixEntry(str(result.output))])
+    without = probe_outputs(alone)
+    for comp in live:
+        torch.testing.assert_close(live[comp], ref[comp], rtol=1e-4, atol=1e-5, msg=comp)
+        assert (without[comp] - ref[comp]).abs().max() > 1e-4, comp     # the stack really is part of it
+    with safe_open(result.output, "pt") as f:
+        md = f.metadata()
+    assert md["ss_base_weights"] == '["under.safetensors"]' and md["ss_base_weights_multiplier"] == "[0.7]"
+    assert md["ss_base_weights_hashes"] == f'["{addnet_hash(first.output)}"]'
+
+
+def test_bad_base_lora_fails_before_the_model_loads(tmp_path, monkeypatch):
+    from sdlora.training import trainer as trainer_mod
+
+    def no_loading(*a, **k):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_load_base", no_loading)
+    cfg = tiny_cfg(tmp_path, "bad", base_lora=[str(tmp_path / "nope.safetensors:0.5")])
+    with pytest.raises(SdloraError, match=r"--base-lora .*nope\.safetensors.*PATH:WEIGHT") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_base_lora_flag_repeats_and_resume_warns_when_the_stack_file_changed(tmp_path):
+    import argparse
+    import shutil
+    from sdlora.training.config import add_arguments, overrides_from_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--base-lora", "a.safetensors", "b.safetensors:0.5", "--base-lora", "c.safetensors"])
+    assert overrides_from_args(args)["base_lora"] == ["a.safetensors", "b.safetensors:0.5", "c.safetensors"]
+
+    one = train(tiny_cfg(tmp_path, "one", steps=1), base=tiny_pipeline("sd1"))
+    two = train(tiny_cfg(tmp_path, "two", steps=1, seed=5), base=tiny_pipeline("sd1"))
+    stack = tmp_path / "stack.safetensors"
+    shutil.copy(one.output, stack)
+    cfg = tiny_cfg(tmp_path, "drift", steps=3, base_lora=[str(stack)])
+    cut = train(cfg, callbacks=ctrl_c_at(1), base=tiny_pipeline("sd1"))
+    shutil.copy(two.output, stack)                      # same name, other weights
+    with pytest.warns(UserWarning, match="base LoRA file contents"):
+        train(cfg.replace(resume=str(cut.checkpoint)), base=tiny_pipeline("sd1"))

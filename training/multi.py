@@ -31,7 +31,7 @@ from sdlora.training.trainer import MicroInputs, Trainer, TrainResult
 
 # options of the shared base model and its computation: every job must have the same value
 SHARED_KEYS = ("base", "family", "device", "mixed_precision", "base_precision", "gradient_checkpointing",
-               "clip_skip")
+               "clip_skip", "base_lora")
 
 
 def check_jobs(cfgs: list[TrainConfig]) -> None:

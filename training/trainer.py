@@ -62,7 +62,7 @@ STREAM_KEYS = ("seed", "batch_size", "grad_accum", "resolution", "buckets", "buc
                "max_bucket_reso", "repeats", "random_flip", "crop", "shuffle_caption", "keep_tokens",
                "caption_dropout", "unet_lr", "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps",
                "min_snr_gamma", "noise_offset", "prediction_type", "prior_loss_weight", "dropout",
-               "base_precision")
+               "base_precision", "base_lora")
 
 
 class TrainingError(SdloraError):
@@ -107,6 +107,25 @@ def check_output(path: str) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise SdloraError(f"cannot write the LoRA to {out}: {e.strerror or e}; pick another --out") from None
+    return out
+
+
+def check_base_loras(specs: list[str]) -> list[tuple[Path, float, str]]:
+    """(file, weight, addnet hash) of each --base-lora PATH[:WEIGHT], or one clear error (before any
+    model loads). The hash is the addnet one (sshs_model_hash) for .safetensors, else the sha256."""
+    from sdlora.formats.container import read_header
+    from sdlora.hashes import addnet_hash, file_sha256
+    from sdlora.mixing import split_weight
+    out = []
+    for spec in specs:
+        path, weight = split_weight(spec)
+        p = Path(path).expanduser()
+        try:
+            read_header(p)
+        except (OSError, SdloraError) as e:
+            raise SdloraError(f"--base-lora {spec!r}: {e}; expected an existing LoRA file as PATH or "
+                              "PATH:WEIGHT") from None
+        out.append((p, weight, addnet_hash(p) if p.suffix.lower() == ".safetensors" else file_sha256(p)))
     return out
 
 
@@ -225,6 +244,7 @@ class Trainer:
             ckpt.recover(self.ckpt_dir)         # leftovers of a killed checkpoint write
         self.accel.wait_for_everyone()
         self.resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
+        self.base_loras = check_base_loras(cfg.base_lora)     # before the model loads, like the folder
 
         # the folder first: a wrong path should not wait for a model to load
         self._status("scanning", f"reading {cfg.data_dir}")
@@ -235,6 +255,7 @@ class Trainer:
         self._status("loading", f"base model {cfg.base or '(embedded)'}")
         self.base = self._load_base()
         self._place_models()
+        self._apply_base_loras()
 
         granularity = self._latent_granularity()
         native = self._native_resolution()
@@ -303,6 +324,27 @@ class Trainer:
                                 else self.cfg.prediction_type)
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    def _apply_base_loras(self) -> None:
+        """The --base-lora mix applied to the frozen base (patched weights; routed hooks on a
+        quantized base); the new LoRA trains on top. It stays applied after training."""
+        if not self.base_loras:
+            return
+        from sdlora.mixing import MixEntry
+        from sdlora.routing import set_active
+        mix = [MixEntry(str(p), unet=w, text_encoder=w) for p, w, _ in self.base_loras]
+        how = set_active(self.base.pipe, mix)
+        self._status("loading", f"base LoRA(s) {', '.join(f'{p.name}:{w:g}' for p, w, _ in self.base_loras)} "
+                                f"{how} into the base")
+
+    def _base_lora_metadata(self) -> dict:
+        """The stack in kohya's argument spelling (kohya itself writes no such keys) + addnet hashes."""
+        if not self.base_loras:
+            return {}
+        import json
+        return {"ss_base_weights": json.dumps([p.name for p, _, _ in self.base_loras]),
+                "ss_base_weights_multiplier": json.dumps([w for _, w, _ in self.base_loras]),
+                "ss_base_weights_hashes": json.dumps([h for _, _, h in self.base_loras])}
 
     def _native_resolution(self) -> int:
         """The size the base was trained at: UNet sample size x VAE downscale (SD1 512, SD2-v 768, SDXL 1024)."""
@@ -638,7 +680,8 @@ class Trainer:
         return build_metadata(cfg=self.cfg, family=self.family, prediction_type=self.prediction_type,
                               base_name=self.base.name, plan=self.plan, optimizer_desc=self.optimizer_desc,
                               step=self.step, epoch=getattr(self, "epoch", 0) + 1, started_at=started,
-                              finished_at=finished, output_name=self.name, base_precision=self.base_precision)
+                              finished_at=finished, output_name=self.name, base_precision=self.base_precision) \
+            | self._base_lora_metadata()
 
     def _save_checkpoint(self) -> None:
         if not self.main:
@@ -652,7 +695,8 @@ class Trainer:
         state = {"step": self.step, "micro_batch": m, "epoch": m // self.plan.micro_batches_per_epoch,
                  "batch_in_epoch": m % self.plan.micro_batches_per_epoch, "family": self.family,
                  "num_processes": self.accel.num_processes, "total_steps": self.plan.total_steps,
-                 "config": cfg.to_dict(), "losses": self.losses}
+                 "config": cfg.to_dict(), "losses": self.losses,
+                 "base_lora_hashes": [h for _, _, h in self.base_loras]}
         tensors = self.network.state_dict_for(self.family, "kohya", self.base.pipe.unet.config)
         self.last_checkpoint = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, lora_name=f"{self.name}-step{self.step:06d}.safetensors", lora_tensors=tensors,
@@ -678,6 +722,8 @@ class Trainer:
             drift.append("number of processes")
         if st["total_steps"] != self.plan.total_steps:
             drift.append("total steps")
+        if st.get("base_lora_hashes", []) != [h for _, _, h in self.base_loras] and "base_lora" not in drift:
+            drift.append("base LoRA file contents")
         if drift:
             self._warn(f"resuming with other settings ({', '.join(drift)}): the result will differ from an "
                        "uninterrupted run")
