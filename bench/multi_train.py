@@ -10,7 +10,8 @@ samples or previews. Sequential: three `train` calls one after the other, each l
 solo run does. Parallel: one `train_many` with the three jobs on one base. Each measurement runs in
 its own subprocess (one thread: OMP_NUM_THREADS=1), so its peak RSS (`resource.getrusage`
 ru_maxrss, which includes the libraries) is its own. Wall time counts from before the first
-config is built to the last file written (model loading and caching included, imports not).
+config is built to the last file written (model loading and caching included; the trainer modules
+are imported before the clock starts in both modes).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 mode, steps, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-from sdlora.training import build_config, train
+from sdlora.training import build_config
+from sdlora.training.trainer import train          # both modes import the same modules before the clock
 from sdlora.training.multi import train_many
 t0 = time.perf_counter()
 cfgs = [build_config(overrides=dict(data_dir=str(Path(sys.argv[4]) / s), output=str(out / f"{s}.safetensors"),

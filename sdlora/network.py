@@ -128,7 +128,8 @@ class LoRALayer(nn.Module):
                 z = F.conv2d(F.conv2d(prepare(x, down), down, None, stride, padding, dilation), layer.lora_up)
                 if rows is None:
                     return torch.add(y, z.to(y.dtype), alpha=s)
-                return _add_rows(y, rows, lambda ys: torch.add(ys, z.to(ys.dtype), alpha=s))
+                y[rows[0]:rows[1]].add_(z.to(y.dtype), alpha=s)   # in place: a fresh output, no copy
+                return y
             return forward
 
         def linear_add(y, h, up, s):
@@ -147,23 +148,18 @@ class LoRALayer(nn.Module):
             h = F.linear(prepare(x, down), down)
             if rows is None:
                 return linear_add(y, h, up, s)
-            return _add_rows(y, rows, lambda ys: linear_add(ys.contiguous(), h, up, s))
+            ys = y[rows[0]:rows[1]]          # in place: the base output is fresh, so no copy of all rows
+            if y.dtype is h.dtype and ys.is_contiguous():
+                ys.view(-1, ys.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=s)
+            else:
+                ys.add_(F.linear(h, up).to(y.dtype), alpha=s)
+            return y
         return forward
 
     def adapter(self) -> LoRA:
         """This layer as a plain-LoRA patch (detached fp32 copies)."""
         return LoRA(self.lora_up.detach().float().cpu().clone(), self.lora_down.detach().float().cpu().clone(),
                     alpha=self.alpha)
-
-
-def _add_rows(y: torch.Tensor, rows: tuple[int, int], add) -> torch.Tensor:
-    """`y` with `add(y[start:stop])` in place of those rows (out of place: autograd keeps `y`)."""
-    a, b = rows
-    parts = [y[:a]] if a else []
-    parts.append(add(y[a:b]))
-    if b < y.shape[0]:
-        parts.append(y[b:])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _targets(component: str, model: nn.Module, spec: NetworkSpec) -> dict[str, tuple[nn.Module, int, float | None]]:

@@ -46,6 +46,10 @@ def check_jobs(cfgs: list[TrainConfig]) -> None:
                                   f"{getattr(first, k)!r}, job {i} ({Path(cfg.data_dir).name}) has "
                                   f"{getattr(cfg, k)!r}; set the same value for every job (top level of the "
                                   "TOML file), or train that job in a separate run")
+    if len(cfgs) > 1 and first.gradient_checkpointing:
+        raise SdloraError("--gradient-checkpointing cannot be used when several jobs train together: it reruns "
+                          "the forward pass during backward, after the rows of each job's LoRA have changed; "
+                          "train without it (a smaller --batch-size saves memory too) or one job per run")
     for key, what in (("output", "output file"), ("checkpoint_dir", "checkpoint folder")):
         seen = {}
         for i, cfg in enumerate(cfgs, 1):
