@@ -209,3 +209,27 @@ def test_base_lora_flag_repeats_and_resume_warns_when_the_stack_file_changed(tmp
     shutil.copy(two.output, stack)                      # same name, other weights
     with pytest.warns(UserWarning, match="base LoRA file contents"):
         train(cfg.replace(resume=str(cut.checkpoint)), base=tiny_pipeline("sd1"))
+
+
+def test_base_lora_on_a_quantized_base_is_routed_and_equals_routing_both_files(tmp_path):
+    from sdlora.mixing import MixEntry, patched_mixer
+    from sdlora.quant import quantize_pipeline
+    from sdlora.routing import kept_router, set_active
+    from sdlora.training import Trainer
+    from tinypipe import probe_outputs
+    first = train(tiny_cfg(tmp_path, "under", steps=2), base=tiny_pipeline("sd1"))
+    pipe = tiny_pipeline("sd1")
+    trainer = Trainer(tiny_cfg(tmp_path, "top", steps=2, seed=3, base_precision="fp8",
+                               base_lora=[f"{first.output}:0.5"]), base=pipe)
+    trainer.prepare()
+    result = trainer.run()
+    assert kept_router(pipe) is not None and patched_mixer(pipe) is None     # routed, weights untouched
+    trainer.network.eval()
+    live = probe_outputs(pipe)
+    ref_pipe = tiny_pipeline("sd1")
+    quantize_pipeline(ref_pipe, "fp8", torch.float32)
+    assert set_active(ref_pipe, [MixEntry(str(first.output), unet=0.5, text_encoder=0.5),
+                                 MixEntry(str(result.output))]) == "routed"
+    ref = probe_outputs(ref_pipe)
+    for comp in live:
+        torch.testing.assert_close(live[comp], ref[comp], rtol=1e-4, atol=1e-5, msg=comp)
