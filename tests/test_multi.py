@@ -233,3 +233,29 @@ def test_base_lora_on_a_quantized_base_is_routed_and_equals_routing_both_files(t
     ref = probe_outputs(ref_pipe)
     for comp in live:
         torch.testing.assert_close(live[comp], ref[comp], rtol=1e-4, atol=1e-5, msg=comp)
+
+
+def test_cli_ctrl_c_checkpoints_every_job_and_prints_their_resume_commands(cli_dir, capsys, monkeypatch):
+    import shlex
+    from sdlora.cli import main
+    from sdlora.training import cli as train_cli
+    orig = train_cli.CliProgress.on_progress
+
+    def ctrl_c(self, p):
+        orig(self, p)
+        if p.step == 1 and self.name == "neon":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli.CliProgress, "on_progress", ctrl_c)
+    assert main(["train", "ink", "neon", "--out-dir", "loras", *CLI_OPTS]) == 130
+    out = capsys.readouterr().out
+    monkeypatch.setattr(train_cli.CliProgress, "on_progress", orig)
+    commands = out.split("continue each job with: ", 1)[1].splitlines()[0].split("; ")
+    assert len(commands) == 2 and not (cli_dir / "loras" / "ink.safetensors").exists()
+    for command in commands:                   # each job's checkpoint is an ordinary one
+        argv = shlex.split(command)
+        assert argv[:3] == ["sdlora", "train", "--resume"] and Path(argv[3]).name == "step-000001"
+        assert main(argv[1:]) == 0
+    for name in ("ink", "neon"):
+        with safe_open(cli_dir / "loras" / f"{name}.safetensors", "pt") as f:
+            assert f.metadata()["ss_steps"] == "2"
