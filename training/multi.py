@@ -124,7 +124,10 @@ class MultiTrainer:
         for t in self.trainers:
             for net in self.networks:           # the networks injected so far leave its caches alone
                 net.set_rows((0, 0))
+            for done in started:                # and the models they offloaded come back for its caching
+                done._offload(False)
             started[t] = t._start()
+        self._share_offload()
         stopped = False
         try:
             while active := [t for t in self.trainers if t not in results]:
@@ -140,6 +143,21 @@ class MultiTrainer:
                     with self.only(t):
                         results[t] = t._interrupted()
         return [results[t] for t in self.trainers]
+
+    def _share_offload(self) -> None:
+        """A model one job leaves idle (its cache has its outputs) stays on the accelerator when
+        another job runs it every step (uncached latents or text encoders)."""
+        used = set()
+        for t in self.trainers:
+            if t.latents is None:
+                used.add(id(t.base.pipe.vae))
+            if t.embeddings is None:
+                used.update(id(te) for te in t.base.text_encoders.values())
+        for t in self.trainers:
+            t._offload(False)
+            t.offloaded = [m for m in t.offloaded if id(m) not in used]
+        for t in self.trainers:
+            t._offload(True)
 
     def _step(self, todo: list[Trainer]) -> bool:
         """One optimizer step of every job in `todo`; True when a stop was requested."""
