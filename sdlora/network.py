@@ -150,7 +150,8 @@ class LoRALayer(nn.Module):
                 return linear_add(y, h, up, s)
             ys = y[rows[0]:rows[1]]          # in place: the base output is fresh, so no copy of all rows
             if y.dtype is h.dtype and ys.is_contiguous():
-                ys.view(-1, ys.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t(), alpha=s)
+                # (in-place ops are not autocast: the up matrix is cast to the activations' dtype here)
+                ys.view(-1, ys.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t().to(h.dtype), alpha=s)
             else:
                 ys.add_(F.linear(h, up).to(y.dtype), alpha=s)
             return y
