@@ -1,5 +1,7 @@
 """`sdlora train FOLDER --out style.safetensors [--base SPEC] [--trigger WORD] [--config FILE.toml]`
    `sdlora train --resume CHECKPOINT`   (continues that run with the options stored in the checkpoint)
+   `sdlora train A B C --out-dir DIR`   (one LoRA per folder, DIR/<folder name>.safetensors, trained together
+                                        on one base model; `--config jobs.toml` with [[job]] tables the same)
 
 Every option of `training.config.TrainConfig` is also a flag (`--unet-lr 2e-4`) and a TOML key
 (`unet_lr = 2e-4`). Prints the plan, shows a progress bar, and ends with the file and a command to
