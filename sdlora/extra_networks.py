@@ -105,8 +105,12 @@ def parse_prompt(prompt: str) -> tuple[str, list[LoraRef]]:
     return text.strip(" \t,\n"), refs
 
 
-def parse_lora_arg(spec: str) -> LoraRef:
-    """`PATH`, `PATH:W` or `PATH:TE:UNET` (a drive colon as in `C:\\x` stays in the path)."""
+def split_lora_arg(spec: str, what: str = "--lora") -> tuple[str, float, float]:
+    """The one `--lora` grammar (generate, mix, fuse, --base-lora): `PATH`, `PATH:W` or `PATH:TE:UNET`
+    -> (path, te, unet). A colon that belongs to the path stays in it: a drive (`C:\\x`), a name
+    like `a:b.safetensors`, or an existing file whose whole name ends like a weight (`odd:0.5`)."""
+    if os.path.isfile(spec):
+        return spec, 1.0, 1.0
     parts = spec.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < 2:
@@ -115,16 +119,24 @@ def parse_lora_arg(spec: str) -> LoraRef:
         except ValueError:
             break
         parts.pop()
-    path = Path(":".join(parts)).expanduser()
+    path = ":".join(parts)
+    if not path:
+        raise SdloraError(f"{what} {spec!r}: no file before the weights; expected PATH[:WEIGHT] or PATH:TE:UNET")
     if any(not math.isfinite(n) for n in numbers):
-        raise SdloraError(f"--lora {spec!r}: weights must be finite numbers")
+        raise SdloraError(f"{what} {spec!r}: weights must be finite numbers; expected PATH[:WEIGHT] or PATH:TE:UNET")
+    te = numbers[0] if numbers else 1.0
+    return path, te, numbers[1] if len(numbers) > 1 else te
+
+
+def parse_lora_arg(spec: str) -> LoraRef:
+    """A `--lora` argument (split_lora_arg's grammar) whose file exists, as a LoraRef."""
+    text, te, unet = split_lora_arg(spec)
+    path = Path(text).expanduser()
     if not path.is_file():
         if path.exists() or path.is_symlink():     # a folder, a link loop, a broken link: said as such
             from sdlora.paths import check_input_file
             check_input_file(path, f"--lora {spec!r}: LoRA file")
         raise FileNotFoundError(f"--lora {spec!r}: no file {path}; expected PATH[:WEIGHT] or PATH:TE:UNET")
-    te = numbers[0] if numbers else 1.0
-    unet = numbers[1] if len(numbers) > 1 else te
     return LoraRef(path.stem, te, unet, path)
 
 

@@ -24,22 +24,6 @@ from sdlora.fusion import Recipe
 from sdlora.lora_cache import LoraCache
 
 
-def split_weight(spec: str) -> tuple[str, float]:
-    """`PATH[:WEIGHT]` -> (path, weight); a drive colon (`C:\\x.safetensors`) is part of the path."""
-    path, sep, tail = spec.rpartition(":")
-    if not sep or os.path.isfile(spec):
-        return spec, 1.0
-    try:
-        weight = float(tail)
-    except ValueError:
-        return spec, 1.0  # the colon belongs to the path
-    if not path:
-        raise SdloraError(f"--lora {spec!r}: no file before ':{tail}'; expected PATH[:WEIGHT]")
-    if not math.isfinite(weight):
-        raise SdloraError(f"--lora {spec!r}: weight {tail!r} is not a finite number; expected PATH[:WEIGHT]")
-    return path, weight
-
-
 @dataclass(frozen=True)
 class MixEntry:
     """One LoRA of a mix: a file path (or an already-read LoraFile) and its multipliers.
@@ -54,9 +38,15 @@ class MixEntry:
 
     @classmethod
     def parse(cls, spec: str, **kwargs) -> MixEntry:
-        """From `PATH[:WEIGHT]` (the weight goes to UNet and text encoder alike)."""
-        path, weight = split_weight(spec)
-        return cls(path, unet=weight, text_encoder=weight, **kwargs)
+        """From a `--lora` argument: `PATH[:WEIGHT]` (UNet and text encoder alike) or `PATH:TE:UNET`."""
+        from sdlora.extra_networks import split_lora_arg
+        path, te, unet = split_lora_arg(spec)
+        return cls(path, unet=unet, text_encoder=te, **kwargs)
+
+    @classmethod
+    def of(cls, ref) -> MixEntry:
+        """From an extra_networks.LoraRef (a `<lora:…>` tag or `--lora` argument with its file)."""
+        return cls(str(ref.path), unet=ref.unet, text_encoder=ref.te, blocks=ref.blocks)
 
     @property
     def name(self) -> str:

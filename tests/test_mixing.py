@@ -11,7 +11,7 @@ from sdlora.blocks import LISTS, parse_lbw
 from sdlora.errors import FamilyMismatchError, SdloraError, UnmatchedKeysError
 from sdlora.formats import read_lora
 from sdlora.mixing import LoraCache, MixEntry, Mixer
-from sdlora.mixplan import split_weight
+from sdlora.extra_networks import split_lora_arg
 from tiny import lora_pipeline, tiny_configs
 
 
@@ -320,19 +320,20 @@ def test_cuda_apply_and_restore(dtype):
     ("D:/x.safetensors:2", ("D:/x.safetensors", 2.0)),
 ])
 def test_path_weight_parsing(spec, want):
-    assert split_weight(spec) == want
+    assert split_lora_arg(spec) == (want[0], want[1], want[1])
     e = MixEntry.parse(spec)
     assert (e.source, e.unet, e.text_encoder) == (want[0], want[1], want[1])
 
 
 def test_path_weight_errors(tmp_path):
     with pytest.raises(SdloraError, match="finite"):
-        split_weight("a.safetensors:nan")
+        split_lora_arg("a.safetensors:nan")
     with pytest.raises(SdloraError, match="no file"):
-        split_weight(":0.5")
+        split_lora_arg(":0.5")
     odd = tmp_path / "odd:0.5"                # an existing file whose name ends like a weight
     odd.write_bytes(b"")
-    assert split_weight(str(odd)) == (str(odd), 1.0)
+    assert split_lora_arg(str(odd)) == (str(odd), 1.0, 1.0)
+    assert split_lora_arg("a.safetensors:0.5:-1") == ("a.safetensors", 0.5, -1.0)   # PATH:TE:UNET, as --lora
 
 
 def test_tiny_configs_are_what_the_mixer_reports():

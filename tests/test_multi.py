@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from sdlora.errors import SdloraError
 from sdlora.training import train
 from sdlora.training.multi import train_many
-from tinypipe import tiny_pipeline
+from tiny import tiny_pipeline
 from trainkit import ctrl_c_at, make_folder, tiny_cfg
 
 
@@ -107,7 +107,7 @@ CLI_OPTS = ["--base", "base", "--resolution", "32", "--steps", "2", "--batch-siz
 
 @pytest.fixture
 def cli_dir(tmp_path, monkeypatch):
-    from tinypipe import save_tiny_pipeline
+    from tiny import save_tiny_pipeline
     monkeypatch.chdir(tmp_path)
     save_tiny_pipeline(tmp_path / "base", "sd1")
     make_folder(tmp_path / "ink", n=4, seed=1)
@@ -154,7 +154,7 @@ def test_base_lora_stack_trains_on_top_and_equals_mixer_of_both_files(tmp_path):
     from sdlora.hashes import addnet_hash
     from sdlora.mixing import MixEntry, Mixer
     from sdlora.training import Trainer
-    from tinypipe import probe_outputs
+    from tiny import probe_outputs
     first = train(tiny_cfg(tmp_path, "under", steps=2, train_text_encoder=True), base=tiny_pipeline("sd1"))
     pipe = tiny_pipeline("sd1")
     cfg = tiny_cfg(tmp_path, "top", steps=2, seed=3, train_text_encoder=True,
@@ -217,7 +217,7 @@ def test_base_lora_on_a_quantized_base_is_routed_and_equals_routing_both_files(t
     from sdlora.quant import quantize_pipeline
     from sdlora.routing import kept_router, set_active
     from sdlora.training import Trainer
-    from tinypipe import probe_outputs
+    from tiny import probe_outputs
     first = train(tiny_cfg(tmp_path, "under", steps=2), base=tiny_pipeline("sd1"))
     pipe = tiny_pipeline("sd1")
     trainer = Trainer(tiny_cfg(tmp_path, "top", steps=2, seed=3, base_precision="fp8",

@@ -194,9 +194,8 @@ class TrainConfig:
         if self.prior_preservation and not (self.class_prompt or self.class_word):
             raise SdloraError("prior preservation needs --class-prompt (or --class-word), e.g. 'a painting'")
         if self.base_lora:
-            from sdlora.mixing import split_weight
             for spec in self.base_lora:
-                split_weight(spec)          # PATH[:WEIGHT] (the files are checked when training starts)
+                base_lora_spec(spec)         # PATH[:WEIGHT] (the files are checked when training starts)
         if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
             raise SdloraError(f"min_bucket_reso {self.min_bucket_reso} > max_bucket_reso {self.max_bucket_reso}")
         return self
@@ -403,14 +402,22 @@ def build_config(*, preset: str | None = None, config_file=None, overrides: dict
 PATH_KEYS = ("data_dir", "output", "base", "checkpoint_dir", "class_data_dir", "cache_dir")
 
 
+def base_lora_spec(spec: str) -> tuple[str, float]:
+    """(path, weight) of a --base-lora argument: the --lora grammar with one weight."""
+    from sdlora.extra_networks import split_lora_arg
+    path, te, unet = split_lora_arg(spec, "--base-lora")
+    if te != unet:
+        raise SdloraError(f"--base-lora {spec!r}: a base LoRA takes one weight (PATH:WEIGHT), not TE:UNET")
+    return path, te
+
+
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The config with its paths absolute, so a checkpoint's copy works from any folder (a base
     that is no existing path, e.g. a hub id, stays as it is)."""
     changes = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in PATH_KEYS
                if getattr(cfg, k) and (k != "base" or Path(getattr(cfg, k)).expanduser().exists())}
     if cfg.base_lora:
-        from sdlora.mixing import split_weight
-        specs = [split_weight(spec) for spec in cfg.base_lora]
+        specs = [base_lora_spec(spec) for spec in cfg.base_lora]
         changes["base_lora"] = [f"{Path(p).expanduser().resolve()}:{w!r}" for p, w in specs]
     return cfg.replace(**changes)
 

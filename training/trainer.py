@@ -47,7 +47,7 @@ from sdlora.quant import quantize_pipeline
 from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
-from sdlora.training.config import TrainConfig, absolute_paths
+from sdlora.training.config import TrainConfig, absolute_paths, base_lora_spec
 from sdlora.training.control import CallbackList, Progress, TrainingControl
 from sdlora.training.metadata import addnet_hashes, build_metadata
 from sdlora.training.optim import build_optimizer, build_scheduler
@@ -115,10 +115,9 @@ def check_base_loras(specs: list[str]) -> list[tuple[Path, float, str]]:
     model loads). The hash is the addnet one (sshs_model_hash) for .safetensors, else the sha256."""
     from sdlora.formats.container import read_header
     from sdlora.hashes import addnet_hash, file_sha256
-    from sdlora.mixing import split_weight
     out = []
     for spec in specs:
-        path, weight = split_weight(spec)
+        path, weight = base_lora_spec(spec)
         p = Path(path).expanduser()
         try:
             read_header(p)
