@@ -97,6 +97,7 @@ class LoRALayer(nn.Module):
         self.scale = self.alpha / rank
         self.dropout = float(dropout)
         self.multiplier = 1.0
+        self.rows: tuple[int, int] | None = None   # (start, stop) on the batch axis; None: every row
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, conv={self.is_conv}"
@@ -118,30 +119,51 @@ class LoRALayer(nn.Module):
 
             def forward(x, *args, **kwargs):
                 y = base_forward(x, *args, **kwargs)
-                s = scale * layer.multiplier
-                if s == 0.0:
+                s, rows = scale * layer.multiplier, layer.rows
+                if s == 0.0 or (rows is not None and rows[0] == rows[1]):
                     return y
+                if rows is not None:
+                    x = x[rows[0]:rows[1]]
                 down = layer.lora_down       # (looked up per call: .to()/load_state_dict may swap them)
                 z = F.conv2d(F.conv2d(prepare(x, down), down, None, stride, padding, dilation), layer.lora_up)
-                return torch.add(y, z.to(y.dtype), alpha=s)
+                if rows is None:
+                    return torch.add(y, z.to(y.dtype), alpha=s)
+                return _add_rows(y, rows, lambda ys: torch.add(ys, z.to(ys.dtype), alpha=s))
             return forward
 
-        def forward(x, *args, **kwargs):
-            y = base_forward(x, *args, **kwargs)
-            s = scale * layer.multiplier
-            if s == 0.0:
-                return y
-            down, up = layer.lora_down, layer.lora_up
-            h = F.linear(prepare(x, down), down)
+        def linear_add(y, h, up, s):
             if y.dtype is h.dtype:
                 return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), up.t(), alpha=s).view(y.shape)
             return torch.add(y, F.linear(h, up).to(y.dtype), alpha=s)
+
+        def forward(x, *args, **kwargs):
+            y = base_forward(x, *args, **kwargs)
+            s, rows = scale * layer.multiplier, layer.rows
+            if s == 0.0 or (rows is not None and rows[0] == rows[1]):
+                return y
+            if rows is not None:
+                x = x[rows[0]:rows[1]]
+            down, up = layer.lora_down, layer.lora_up
+            h = F.linear(prepare(x, down), down)
+            if rows is None:
+                return linear_add(y, h, up, s)
+            return _add_rows(y, rows, lambda ys: linear_add(ys.contiguous(), h, up, s))
         return forward
 
     def adapter(self) -> LoRA:
         """This layer as a plain-LoRA patch (detached fp32 copies)."""
         return LoRA(self.lora_up.detach().float().cpu().clone(), self.lora_down.detach().float().cpu().clone(),
                     alpha=self.alpha)
+
+
+def _add_rows(y: torch.Tensor, rows: tuple[int, int], add) -> torch.Tensor:
+    """`y` with `add(y[start:stop])` in place of those rows (out of place: autograd keeps `y`)."""
+    a, b = rows
+    parts = [y[:a]] if a else []
+    parts.append(add(y[a:b]))
+    if b < y.shape[0]:
+        parts.append(y[b:])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _targets(component: str, model: nn.Module, spec: NetworkSpec) -> dict[str, tuple[nn.Module, int, float | None]]:
@@ -178,14 +200,15 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.layers = nn.ModuleDict()          # key: canonical path with '.' -> ':' (ModuleDict rule)
         self.paths: list[str] = []
-        self._hooked: list[nn.Module] = []
+        self._hooked: list[tuple[nn.Module, object]] = []     # (module, the forward it had before)
 
     @classmethod
-    def inject(cls, components: dict[str, nn.Module], spec: NetworkSpec) -> "LoRANetwork":
+    def inject(cls, components: dict[str, nn.Module], spec: NetworkSpec, stack: bool = False) -> "LoRANetwork":
         """Create LoRA layers on the modules `spec` selects and hook them into the live models.
 
         Text encoders get layers only when `spec.text_groups` is non-empty. Uses the global torch
-        RNG for the init (seed it first)."""
+        RNG for the init (seed it first). `stack`: hook on top of other networks already injected
+        (several LoRAs trained at once; `set_rows` says which batch rows each one changes)."""
         spec.validate()
         net = cls()
         for comp, model in components.items():
@@ -194,7 +217,8 @@ class LoRANetwork(nn.Module):
             if comp != "unet" and not spec.text_groups:
                 continue
             for path, (mod, rank, alpha) in _targets(comp, model, spec).items():
-                if "forward" in mod.__dict__:
+                previous = mod.__dict__.get("forward")
+                if previous is not None and not stack:
                     net.remove()
                     raise SdloraError(f"{path} already has a hooked forward (another LoRA network is injected); "
                                       "remove it first")
@@ -202,7 +226,7 @@ class LoRANetwork(nn.Module):
                 net.layers[path.replace(".", ":")] = layer
                 net.paths.append(path)
                 mod.forward = layer.hooked_forward(mod.forward)
-                net._hooked.append(mod)
+                net._hooked.append((mod, previous))
         if not net.paths:
             raise SdloraError("the LoRA network selected no module of the model; check the target groups")
         return net
@@ -215,10 +239,19 @@ class LoRANetwork(nn.Module):
         return self.layers[path.replace(".", ":")]
 
     def remove(self) -> None:
-        """Unhook every layer: the base modules' forward is their class's again."""
-        for mod in self._hooked:
-            mod.__dict__.pop("forward", None)
+        """Unhook every layer: the base modules' forward is what it was before `inject` (their
+        class's, or the network injected below this one; remove stacked networks last first)."""
+        for mod, previous in reversed(self._hooked):
+            if previous is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = previous
         self._hooked.clear()
+
+    def set_rows(self, rows: tuple[int, int] | None) -> None:
+        """Change only batch rows start:stop (None: every row, the default; (0, 0): none)."""
+        for _, layer in self.items():
+            layer.rows = rows
 
     def set_multiplier(self, value: float) -> None:
         for _, layer in self.items():

@@ -31,10 +31,12 @@ PRESET_DIR = Path(__file__).parent / "presets"
 GROUPS = ("data", "network", "optimization", "loss", "prior", "speed", "output", "samples")
 
 
-def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cli: bool = True, aliases=()):
-    """A config field: its default and the metadata every front end derives from."""
+def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cli: bool = True, aliases=(),
+        repeat: bool = False):
+    """A config field: its default and the metadata every front end derives from (`repeat`: a list
+    flag that may be given several times, each adding values)."""
     meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "cli": cli,
-            "aliases": tuple(aliases)}
+            "aliases": tuple(aliases), "repeat": repeat}
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -86,6 +88,9 @@ class TrainConfig:
     conv_alpha: float = opt(1.0, "alpha of 3x3 conv layers (kohya conv_alpha default 1)", "network", low=0.0)
     train_text_encoder: bool = opt(False, "also train LoRA layers in the text encoder(s) (off: their "
                                           "embeddings are cached)", "network")
+    base_lora: list = opt([], "LoRA files applied to the base before training, PATH or PATH:WEIGHT (weight "
+                              "default 1.0; repeat the flag for a stack): the new LoRA trains on top of that mix "
+                              "(kohya --base_weights / --base_weights_multiplier)", "network", repeat=True)
     text_targets: list = opt(["attn"], "text-encoder modules: attn (q/k/v/out_proj), mlp (fc1/fc2)",
                              "network", choices=["attn", "mlp"])
     # --- optimization ---
@@ -191,6 +196,10 @@ class TrainConfig:
             raise SdloraError("the conv (LoCon) target needs --conv-rank N (e.g. 8)")
         if self.prior_preservation and not (self.class_prompt or self.class_word):
             raise SdloraError("prior preservation needs --class-prompt (or --class-word), e.g. 'a painting'")
+        if self.base_lora:
+            from sdlora.mixing import split_weight
+            for spec in self.base_lora:
+                split_weight(spec)          # PATH[:WEIGHT] (the files are checked when training starts)
         if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
             raise SdloraError(f"min_bucket_reso {self.min_bucket_reso} > max_bucket_reso {self.max_bucket_reso}")
         return self
@@ -293,16 +302,47 @@ def _check_keys(data: dict, where: str) -> dict:
     return flat
 
 
-def load_toml(path) -> dict:
-    """The options set in a TOML file (keys are the field names; [group] tables allowed)."""
-    path = Path(path)
+def _read_toml(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SdloraError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SdloraError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_toml(path) -> dict:
+    """The options set in a TOML file (keys are the field names; [group] tables allowed)."""
+    path = Path(path)
+    data = _read_toml(path)
+    if "job" in data:
+        raise SdloraError(f"config file {path} has [[job]] tables (several LoRAs in one run): use it as "
+                          "`sdlora train --config FILE --out-dir DIR`, not as a preset or a single run's config")
     return _check_keys(data, str(path))
+
+
+def has_jobs(path) -> bool:
+    """Whether a TOML file describes several jobs (a [[job]] array)."""
+    return "job" in _read_toml(Path(path))
+
+
+def load_jobs(path) -> tuple[dict, list[dict], str]:
+    """(shared options, one dict of options per [[job]] table, out_dir) of a several-LoRA TOML file:
+    top-level keys are shared by every job, each [[job]] sets its own (data_dir, trigger, rank, ...)."""
+    path = Path(path)
+    data = _read_toml(path)
+    jobs = data.pop("job", [])
+    if not isinstance(jobs, list) or not jobs or not all(isinstance(j, dict) for j in jobs):
+        raise SdloraError(f"config file {path}: `job` must be an array of tables ([[job]] sections), one per LoRA")
+    out_dir = data.pop("out_dir", "")
+    if not isinstance(out_dir, str):
+        raise SdloraError(f"config file {path}: out_dir must be a folder path string, got {out_dir!r}")
+    shared = _check_keys(data, str(path))
+    tables = [_check_keys(j, f"{path} [[job]] {i}") for i, j in enumerate(jobs, 1)]
+    for i, t in enumerate(tables, 1):
+        if not t.get("data_dir"):
+            raise SdloraError(f"config file {path} [[job]] {i}: no data_dir; give each job its folder of images")
+    return shared, tables, out_dir
 
 
 def presets() -> dict[str, Path]:
@@ -371,6 +411,10 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     that is no existing path, e.g. a hub id, stays as it is)."""
     changes = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in PATH_KEYS
                if getattr(cfg, k) and (k != "base" or Path(getattr(cfg, k)).expanduser().exists())}
+    if cfg.base_lora:
+        from sdlora.mixing import split_weight
+        specs = [split_weight(spec) for spec in cfg.base_lora]
+        changes["base_lora"] = [f"{Path(p).expanduser().resolve()}:{w!r}" for p, w in specs]
     return cfg.replace(**changes)
 
 
@@ -410,6 +454,8 @@ def add_arguments(parser: argparse.ArgumentParser, skip=()) -> None:
         kw = dict(default=argparse.SUPPRESS, help=help_.replace("%", "%%"), dest=f.name)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typ is list and meta.get("repeat"):
+            kw.update(action="extend", nargs="+", metavar="VALUE")
         elif typ is list:
             kw.update(nargs="*", metavar=meta["choices"] and "{" + ",".join(meta["choices"]) + "}" or "VALUE")
         else:

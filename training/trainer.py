@@ -62,7 +62,7 @@ STREAM_KEYS = ("seed", "batch_size", "grad_accum", "resolution", "buckets", "buc
                "max_bucket_reso", "repeats", "random_flip", "crop", "shuffle_caption", "keep_tokens",
                "caption_dropout", "unet_lr", "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps",
                "min_snr_gamma", "noise_offset", "prediction_type", "prior_loss_weight", "dropout",
-               "base_precision")
+               "base_precision", "base_lora")
 
 
 class TrainingError(SdloraError):
@@ -78,6 +78,17 @@ class TrainResult:
     loss: float | None              # smoothed loss at the end
     checkpoint: Path | None         # the newest checkpoint written
     metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class MicroInputs:
+    """One micro-batch, ready for the model (`noisy`, `timesteps`, `kw`) and the loss."""
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    kw: dict                        # context/pooled (cached embeddings) or captions; SDXL time_ids
+    latents: torch.Tensor
+    noise: torch.Tensor
+    weights: torch.Tensor           # per sample (prior-loss weight of class images)
 
 
 def check_output(path: str) -> Path:
@@ -96,6 +107,25 @@ def check_output(path: str) -> Path:
         os.unlink(probe)
     except OSError as e:
         raise SdloraError(f"cannot write the LoRA to {out}: {e.strerror or e}; pick another --out") from None
+    return out
+
+
+def check_base_loras(specs: list[str]) -> list[tuple[Path, float, str]]:
+    """(file, weight, addnet hash) of each --base-lora PATH[:WEIGHT], or one clear error (before any
+    model loads). The hash is the addnet one (sshs_model_hash) for .safetensors, else the sha256."""
+    from sdlora.formats.container import read_header
+    from sdlora.hashes import addnet_hash, file_sha256
+    from sdlora.mixing import split_weight
+    out = []
+    for spec in specs:
+        path, weight = split_weight(spec)
+        p = Path(path).expanduser()
+        try:
+            read_header(p)
+        except (OSError, SdloraError) as e:
+            raise SdloraError(f"--base-lora {spec!r}: {e}; expected an existing LoRA file as PATH or "
+                              "PATH:WEIGHT") from None
+        out.append((p, weight, addnet_hash(p) if p.suffix.lower() == ".safetensors" else file_sha256(p)))
     return out
 
 
@@ -155,6 +185,7 @@ class Trainer:
         self.plan: Plan | None = None
         self.network: LoRANetwork | None = None
         self.last_checkpoint: Path | None = None
+        self.stack_network = False     # hook on top of other jobs' networks (training.multi)
 
     # ------------------------------------------------------------------------------------------
     # messages
@@ -213,6 +244,7 @@ class Trainer:
             ckpt.recover(self.ckpt_dir)         # leftovers of a killed checkpoint write
         self.accel.wait_for_everyone()
         self.resume_from = ckpt.find_checkpoint(cfg.resume) if cfg.resume else None
+        self.base_loras = check_base_loras(cfg.base_lora)     # before the model loads, like the folder
 
         # the folder first: a wrong path should not wait for a model to load
         self._status("scanning", f"reading {cfg.data_dir}")
@@ -223,6 +255,7 @@ class Trainer:
         self._status("loading", f"base model {cfg.base or '(embedded)'}")
         self.base = self._load_base()
         self._place_models()
+        self._apply_base_loras()
 
         granularity = self._latent_granularity()
         native = self._native_resolution()
@@ -292,6 +325,27 @@ class Trainer:
         from diffusers import DDPMScheduler
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
+    def _apply_base_loras(self) -> None:
+        """The --base-lora mix applied to the frozen base (patched weights; routed hooks on a
+        quantized base); the new LoRA trains on top. It stays applied after training."""
+        if not self.base_loras:
+            return
+        from sdlora.mixing import MixEntry
+        from sdlora.routing import set_active
+        mix = [MixEntry(str(p), unet=w, text_encoder=w) for p, w, _ in self.base_loras]
+        how = set_active(self.base.pipe, mix)
+        self._status("loading", f"base LoRA(s) {', '.join(f'{p.name}:{w:g}' for p, w, _ in self.base_loras)} "
+                                f"{how} into the base")
+
+    def _base_lora_metadata(self) -> dict:
+        """The stack in kohya's argument spelling (kohya itself writes no such keys) + addnet hashes."""
+        if not self.base_loras:
+            return {}
+        import json
+        return {"ss_base_weights": json.dumps([p.name for p, _, _ in self.base_loras]),
+                "ss_base_weights_multiplier": json.dumps([w for _, w, _ in self.base_loras]),
+                "ss_base_weights_hashes": json.dumps([h for _, _, h in self.base_loras])}
+
     def _native_resolution(self) -> int:
         """The size the base was trained at: UNet sample size x VAE downscale (SD1 512, SD2-v 768, SDXL 1024)."""
         pipe = self.base.pipe
@@ -349,7 +403,7 @@ class Trainer:
                            text_groups=tuple(cfg.text_targets) if cfg.train_text_encoder else (),
                            conv_rank=cfg.conv_rank or None, conv_alpha=cfg.conv_alpha)
         comps = {"unet": pipe.unet, **self.base.text_encoders}
-        self.network = LoRANetwork.inject(comps, spec)
+        self.network = LoRANetwork.inject(comps, spec, stack=self.stack_network)
         self.network.to(self.accel.device)
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
@@ -408,42 +462,59 @@ class Trainer:
             self.embeddings.fill(captions)
 
     def _run(self) -> TrainResult:
-        cfg, plan, accel = self.cfg, self.plan, self.accel
+        started = self._start()
+        status = "done"
+        try:
+            while self.step < self.plan.total_steps:
+                if self._after_step(self._optimizer_step(), self._commands):
+                    status = "stopped"
+                    break
+        except KeyboardInterrupt:
+            return self._interrupted()
+        return self._finish(status, started)
+
+    def _start(self) -> float:
+        """Set up the network, optimizer and caches, resume; the start time (for the metadata)."""
         self._setup()
         started = time.time()
         self.step, self.smoothed, self.losses, self.last_sample = 0, None, [], None
-        start_step = self._resume() if self.resume_from else 0
-        self.step = start_step
-        self._status("training", f"{plan.total_steps - start_step} step(s) to go")
-        t0 = time.time()
-        status = "done"
-        try:
-            while self.step < plan.total_steps:
-                loss = self._optimizer_step()
-                self.step += 1
-                self._report(loss, t0, start_step)
-                stop, save, sample = self._commands()
-                if (cfg.sample_every and self.step % cfg.sample_every == 0) or sample:
-                    self._sample()
-                if stop:
-                    status = "stopped"
-                    break
-                if ((cfg.save_every and self.step % cfg.save_every == 0) or save) and self.step < plan.total_steps:
-                    self._save_checkpoint()
-        except KeyboardInterrupt:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._status("interrupted", f"Ctrl-C at step {self.step}: saving a checkpoint")
+        self.start_step = self._resume() if self.resume_from else 0
+        self.step = self.start_step
+        self._status("training", f"{self.plan.total_steps - self.start_step} step(s) to go")
+        self.t0 = time.time()
+        return started
+
+    def _after_step(self, loss: float, commands) -> bool:
+        """Count the step, report it, obey the commands (`commands()` -> (stop, save, sample)),
+        sample and checkpoint when due; True when the run is to stop."""
+        cfg = self.cfg
+        self.step += 1
+        self._report(loss, self.t0, self.start_step)
+        stop, save, sample = commands()
+        if (cfg.sample_every and self.step % cfg.sample_every == 0) or sample:
+            self._sample()
+        if stop:
+            return True
+        if ((cfg.save_every and self.step % cfg.save_every == 0) or save) and self.step < self.plan.total_steps:
             self._save_checkpoint()
-            self._status("interrupted", f"checkpoint {self.last_checkpoint}")
-            return TrainResult("interrupted", None, self.step, plan.total_steps, self.smoothed, self.last_checkpoint)
+        return False
+
+    def _interrupted(self) -> TrainResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._status("interrupted", f"Ctrl-C at step {self.step}: saving a checkpoint")
+        self._save_checkpoint()
+        self._status("interrupted", f"checkpoint {self.last_checkpoint}")
+        return TrainResult("interrupted", None, self.step, self.plan.total_steps, self.smoothed, self.last_checkpoint)
+
+    def _finish(self, status: str, started: float) -> TrainResult:
         self._save_checkpoint()
         self._status("saving", str(self.out))
         md = self._save_output(started)
-        if cfg.preview:
+        if self.cfg.preview:
             self._save_preview()
-        accel.wait_for_everyone()
+        self.accel.wait_for_everyone()
         self._status(status, f"{self.out} after {self.step} step(s)")
-        return TrainResult(status, self.out, self.step, plan.total_steps, self.smoothed, self.last_checkpoint, md)
+        return TrainResult(status, self.out, self.step, self.plan.total_steps, self.smoothed, self.last_checkpoint, md)
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -455,19 +526,28 @@ class Trainer:
             self._epoch = epoch
         return self._epoch_batches
 
+    def _micro_at(self, j: int) -> tuple[list, int, int]:
+        """(batch, epoch, micro-batch number) of the j-th micro-batch of the current step."""
+        m = self.step * self.cfg.grad_accum + j
+        epoch, idx = divmod(m, self.plan.micro_batches_per_epoch)
+        self.epoch = epoch
+        return self._batch(epoch)[idx], epoch, m
+
     def _optimizer_step(self) -> float:
-        cfg, accel = self.cfg, self.accel
-        accum = cfg.grad_accum
+        accel, accum = self.accel, self.cfg.grad_accum
         total = torch.zeros((), device=accel.device)
         for j in range(accum):
-            m = self.step * accum + j
-            epoch, idx = divmod(m, self.plan.micro_batches_per_epoch)
-            self.epoch = epoch
+            batch, epoch, m = self._micro_at(j)
             sync = nullcontext() if j == accum - 1 else accel.no_sync(self.model)
             with sync:
-                loss = self._micro_batch(self._batch(epoch)[idx], epoch, m)
+                loss = self._micro_batch(batch, epoch, m)
                 accel.backward(loss / accum)
             total += loss.detach() / accum
+        return self._apply_step(total)
+
+    def _apply_step(self, total: torch.Tensor) -> float:
+        """The optimizer step after the micro-batches' backward passes; the step's mean loss."""
+        cfg, accel = self.cfg, self.accel
         mean = accel.reduce(total, "mean") if accel.num_processes > 1 else total
         value = float(mean)
         if not math.isfinite(value):
@@ -488,6 +568,11 @@ class Trainer:
         return value
 
     def _micro_batch(self, batch: list, epoch: int, m: int) -> torch.Tensor:
+        inputs = self._micro_inputs(batch, epoch, m)
+        return self._micro_loss(inputs, self.model(inputs.noisy, inputs.timesteps, **inputs.kw))
+
+    def _micro_inputs(self, batch: list, epoch: int, m: int) -> "MicroInputs":
+        """Everything one micro-batch feeds the model and the loss; seeds the RNGs of micro-batch m."""
         cfg, dev = self.cfg, self.accel.device
         rank = self.accel.process_index
         torch.manual_seed(_mix("global", cfg.seed, m, rank))          # LoRA dropout and anything else
@@ -520,12 +605,17 @@ class Trainer:
             kw.update(context=ctx.to(dev), pooled=None if pooled is None else pooled.to(dev))
         else:
             kw["captions"] = captions
-        pred = self.model(noisy, t, **kw)
-        tgt = L.target(self.noise_scheduler, self.prediction_type, latents, noise, t)
+        return MicroInputs(noisy, t, kw, latents, noise, torch.tensor(weights, device=dev))
+
+    def _micro_loss(self, inputs: "MicroInputs", pred: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss: the weighted mean over its samples."""
+        t = inputs.timesteps
+        tgt = L.target(self.noise_scheduler, self.prediction_type, inputs.latents, inputs.noise, t)
         per = L.per_sample_loss(pred, tgt)
-        w = torch.tensor(weights, device=dev)
-        if cfg.min_snr_gamma:
-            w = w * L.min_snr_weights(self.noise_scheduler.alphas_cumprod, t, cfg.min_snr_gamma, self.prediction_type)
+        w = inputs.weights
+        if self.cfg.min_snr_gamma:
+            w = w * L.min_snr_weights(self.noise_scheduler.alphas_cumprod, t, self.cfg.min_snr_gamma,
+                                      self.prediction_type)
         return (per * w).mean()
 
     # ------------------------------------------------------------------------------------------
@@ -590,7 +680,8 @@ class Trainer:
         return build_metadata(cfg=self.cfg, family=self.family, prediction_type=self.prediction_type,
                               base_name=self.base.name, plan=self.plan, optimizer_desc=self.optimizer_desc,
                               step=self.step, epoch=getattr(self, "epoch", 0) + 1, started_at=started,
-                              finished_at=finished, output_name=self.name, base_precision=self.base_precision)
+                              finished_at=finished, output_name=self.name, base_precision=self.base_precision) \
+            | self._base_lora_metadata()
 
     def _save_checkpoint(self) -> None:
         if not self.main:
@@ -604,7 +695,8 @@ class Trainer:
         state = {"step": self.step, "micro_batch": m, "epoch": m // self.plan.micro_batches_per_epoch,
                  "batch_in_epoch": m % self.plan.micro_batches_per_epoch, "family": self.family,
                  "num_processes": self.accel.num_processes, "total_steps": self.plan.total_steps,
-                 "config": cfg.to_dict(), "losses": self.losses}
+                 "config": cfg.to_dict(), "losses": self.losses,
+                 "base_lora_hashes": [h for _, _, h in self.base_loras]}
         tensors = self.network.state_dict_for(self.family, "kohya", self.base.pipe.unet.config)
         self.last_checkpoint = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, lora_name=f"{self.name}-step{self.step:06d}.safetensors", lora_tensors=tensors,
@@ -630,6 +722,8 @@ class Trainer:
             drift.append("number of processes")
         if st["total_steps"] != self.plan.total_steps:
             drift.append("total steps")
+        if st.get("base_lora_hashes", []) != [h for _, _, h in self.base_loras] and "base_lora" not in drift:
+            drift.append("base LoRA file contents")
         if drift:
             self._warn(f"resuming with other settings ({', '.join(drift)}): the result will differ from an "
                        "uninterrupted run")

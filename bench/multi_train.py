@@ -1,0 +1,71 @@
+"""Three style LoRAs: one `train_many` run vs three sequential `train` calls (wall time, peak RSS).
+
+    python bench/multi_train.py --steps 40
+    from bench.multi_train import bench_training; bench_training(40)
+
+Both train the embedded tiny model (sample_data/models/tiny-sd, the default base) on the style
+folders in sample_data/styles/ (halftone, neon, toon) with the settings the base brings (preset
+tiny-cpu-demo: 64 px, batch 8, rank 8, latents and embeddings cached) and `steps` steps each, no
+samples or previews. Sequential: three `train` calls one after the other, each loading the base as a
+solo run does. Parallel: one `train_many` with the three jobs on one base. Each measurement runs in
+its own subprocess (one thread: OMP_NUM_THREADS=1), so its peak RSS (`resource.getrusage`
+ru_maxrss, which includes the libraries) is its own. Wall time counts from before the first
+config is built to the last file written (model loading and caching included, imports not).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STYLES = ("halftone", "neon", "toon")
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+mode, steps, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+from sdlora.training import build_config, train
+from sdlora.training.multi import train_many
+t0 = time.perf_counter()
+cfgs = [build_config(overrides=dict(data_dir=str(Path(sys.argv[4]) / s), output=str(out / f"{s}.safetensors"),
+                                    checkpoint_dir=str(out / "ckpt" / s), steps=steps, preview=False))
+        for s in sys.argv[5:]]
+if mode == "sequential":
+    results = [train(c) for c in cfgs]
+else:
+    results = train_many(cfgs)
+wall = time.perf_counter() - t0
+assert all(r.status == "done" for r in results), [r.status for r in results]
+print(json.dumps({"wall_s": wall, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _measure(mode: str, steps: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore",
+               TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
+    with tempfile.TemporaryDirectory(prefix="sdlora-multi-bench-") as tmp:
+        proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(steps), tmp,
+                               str(ROOT / "sample_data" / "styles"), *STYLES],
+                              cwd=tmp, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_training(steps: int) -> dict:
+    """{"sequential_s", "parallel_s", "seq_peak_mib", "par_peak_mib"} for 3 jobs x `steps` steps."""
+    seq = _measure("sequential", steps)
+    par = _measure("parallel", steps)
+    return {"sequential_s": round(seq["wall_s"], 2), "parallel_s": round(par["wall_s"], 2),
+            "seq_peak_mib": round(seq["peak_mib"], 1), "par_peak_mib": round(par["peak_mib"], 1)}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    print(json.dumps(bench_training(ap.parse_args().steps), indent=1))
