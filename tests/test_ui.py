@@ -536,6 +536,31 @@ def test_training_job_shared_state_stop_resume(ctx):
     assert job3.title == "bg" and ctx.jobs.wait(job3, 120) and job3.status == "done", job3.snapshot()
 
 
+def test_several_folders_train_in_one_job_with_a_loss_curve_each(ctx):
+    """Train tab, source "several folders": one LoRA per folder (named after it), one background
+    job running training.multi.train_many, the bar summing the LoRAs' steps, one curve per LoRA."""
+    from sdlora.ui.train_tab import start_training, view
+    values = {"steps": 3, "batch_size": 2, "lr_warmup_steps": 0}
+    folders = [os.path.join(STYLES, s) for s in ("neon", "toon")]
+    kw = dict(name="", source="several folders", values=values, preset="tiny-cpu-demo")
+    with pytest.raises(SdloraError, match="at least two"):
+        start_training(ctx, folders=folders[:1], **kw)
+    with pytest.raises(SdloraError, match="resumed from the command line"):
+        start_training(ctx, folders=folders, resume=True, **kw)
+    job = start_training(ctx, folders=folders, **kw)
+    assert job.title == "neon + toon"
+    assert ctx.jobs.wait(job, 300) and job.status == "done", job.snapshot()
+    for n in ("neon", "toon"):
+        assert (ctx.loras_dir / f"{n}.safetensors").is_file() and n in job.output
+        assert [s for s, _, _ in job.curves[n]] == [1, 2, 3]
+    assert job.step == job.total == 6 and job.losses == []
+    done = view(ctx, None)
+    assert set(done[1]["series"]) == {"neon: smoothed loss (EMA 0.9)", "toon: smoothed loss (EMA 0.9)"}
+    assert len(done[1]) == 6 and 'data-status="done"' in done[0]
+    with pytest.raises(SdloraError, match="already exist"):
+        start_training(ctx, folders=folders, **kw)
+
+
 def test_app_arguments():
     import argparse
     from sdlora.ui.app import add_arguments, parse_auth, server_name

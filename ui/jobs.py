@@ -22,6 +22,7 @@ import traceback
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from sdlora.errors import SdloraError, describe
@@ -125,6 +126,8 @@ class Job:
     steps_per_s: float = 0.0
     eta_s: float = 0.0
     losses: list = field(default_factory=list)    # (step, loss, smoothed loss)
+    curves: dict = field(default_factory=dict)    # several LoRAs in one run: LoRA name -> its losses
+    parts: dict = field(default_factory=dict)     # LoRA name -> [step, total] (the bar sums them)
     samples: list = field(default_factory=list)   # (step, path)
     log: list = field(default_factory=list)
     error: str | None = None
@@ -160,6 +163,7 @@ class Job:
             return {"id": self.id, "kind": self.kind, "title": self.title, "status": self.status,
                     "phase": self.phase, "message": self.message, "step": self.step, "total": self.total,
                     "steps_per_s": self.steps_per_s, "eta_s": self.eta_s, "losses": list(self.losses),
+                    "curves": {k: list(v) for k, v in self.curves.items()},
                     "samples": list(self.samples), "log": list(self.log), "error": self.error,
                     "output": self.output, "checkpoint": self.checkpoint, "config": dict(self.config),
                     "resumed_from": self.resumed_from,
@@ -238,23 +242,40 @@ class JobManager:
 # training as a job
 
 class JobCallbacks(TrainingCallbacks):
-    """The trainer's events written into a Job (called on the training thread)."""
+    """The trainer's events written into a Job (called on the training thread). With `part` (one
+    LoRA of a multi-LoRA run) the losses go to that LoRA's curve and the bar sums the parts."""
 
-    def __init__(self, job: Job):
-        self.job = job
+    def __init__(self, job: Job, part: str | None = None):
+        self.job, self.part = job, part
+
+    def _tag(self, text: str) -> str:
+        return f"{self.part}: {text}" if self.part else text
 
     def on_status(self, status: str, message: str) -> None:
-        self.job.update(phase=status, message=message)
-        self.job.note(f"[{status}] {message}" if message else f"[{status}]")
+        self.job.update(phase=status, message=self._tag(message) if message else message)
+        self.job.note(self._tag(f"[{status}] {message}" if message else f"[{status}]"))
 
     def on_plan(self, plan) -> None:
-        self.job.update(total=plan.total_steps)
-        self.job.note(plan.describe())
+        if self.part:
+            with self.job._lock:
+                self.job.parts[self.part] = [0, plan.total_steps]
+            self.job.update(total=sum(t for _, t in self.job.parts.values()))
+        else:
+            self.job.update(total=plan.total_steps)
+        self.job.note(self._tag(plan.describe()))
 
     def on_progress(self, p: Progress) -> None:
+        if not self.part:
+            with self.job._lock:
+                self.job.losses.append((p.step, p.loss, p.smoothed_loss))
+            self.job.update(step=p.step, total=p.total_steps, steps_per_s=p.steps_per_s, eta_s=p.eta_s)
+            return
         with self.job._lock:
-            self.job.losses.append((p.step, p.loss, p.smoothed_loss))
-        self.job.update(step=p.step, total=p.total_steps, steps_per_s=p.steps_per_s, eta_s=p.eta_s)
+            self.job.curves.setdefault(self.part, []).append((p.step, p.loss, p.smoothed_loss))
+            self.job.parts[self.part] = [p.step, p.total_steps]
+            done, total = (sum(v[i] for v in self.job.parts.values()) for i in (0, 1))
+        self.job.update(step=done, total=total, steps_per_s=p.steps_per_s, eta_s=max(self.job.eta_s, p.eta_s)
+                        if p.step < p.total_steps else self.job.eta_s)
 
     def on_sample(self, step: int, images, paths) -> None:
         with self.job._lock:
@@ -265,20 +286,26 @@ class JobCallbacks(TrainingCallbacks):
         self.job.update(checkpoint=str(path))
 
     def on_resume(self, step: int, losses) -> None:
-        self.job.update(losses=list(losses))     # the plot shows the whole run, not just this part
+        if self.part:
+            with self.job._lock:
+                self.job.curves[self.part] = list(losses)
+            self.job.update()
+        else:
+            self.job.update(losses=list(losses))     # the plot shows the whole run, not just this part
 
     def on_warning(self, message: str) -> None:
-        self.job.note(f"warning: {message}")
+        self.job.note(self._tag(f"warning: {message}"))
 
 
 def run_training(job: Job, cfg, *, device: DeviceLock, load_base: Callable[[], object]) -> None:
-    """Train `cfg` (a validated TrainConfig) on the device, reporting into `job`.
+    """Train `cfg` (a validated TrainConfig, or a list of them: several LoRAs in one run on one
+    base, training.multi.train_many) on the device, reporting into `job`.
 
     `load_base()` gives the trainer its own copy of the base model: the trainer injects its LoRA
     layers into the model it trains, so it never gets the pipeline the page generates with.
     """
     from sdlora.training import train
-    callbacks = JobCallbacks(job)
+    from sdlora.training.multi import train_many
     job.update(phase="waiting", message="waiting for the device")
 
     def waiting(holder: str) -> None:
@@ -288,6 +315,14 @@ def run_training(job: Job, cfg, *, device: DeviceLock, load_base: Callable[[], o
     with device.hold(f"training {job.title}", on_wait=waiting):
         job.update(phase="loading", message="loading a copy of the base model for training")
         base = load_base()
-        result = train(cfg, callbacks=callbacks, control=job.control, base=base)
-    job.update(status=result.status, output=str(result.output) if result.output else None,
-               checkpoint=str(result.checkpoint) if result.checkpoint else job.checkpoint)
+        if isinstance(cfg, list):
+            callbacks = [JobCallbacks(job, Path(c.output).stem) for c in cfg]
+            results = train_many(cfg, callbacks=callbacks, control=job.control, base=base)
+        else:
+            results = [train(cfg, callbacks=JobCallbacks(job), control=job.control, base=base)]
+    # the run's status: the worst of its LoRAs' (all done, or the first that was not)
+    status = next((r.status for r in results if r.status != "done"), "done")
+    outputs = [str(r.output) for r in results if r.output]
+    last = next((r.checkpoint for r in reversed(results) if r.checkpoint), None)
+    job.update(status=status, output=", ".join(outputs) or None,
+               checkpoint=str(last) if last else job.checkpoint)

@@ -30,7 +30,7 @@ SCROLL_LOG_JS = "() => { const t = document.querySelector('#train-log textarea')
 # set by the tab from the folders it controls (the page never names these paths)
 MANAGED = ("data_dir", "output", "base", "resume", "checkpoint_dir", "cache_dir")
 PATH_FIELDS = ("class_data_dir",)   # confined to the allowed roots
-SOURCES = ("folder", "upload")
+SOURCES = ("folder", "upload", "several folders")   # several: one LoRA per folder, trained in one run
 
 
 def form_specs() -> list[dict]:
@@ -70,19 +70,42 @@ def work_folder(ctx, name: str) -> Path:
     return ctx.outputs_dir / "train" / name
 
 
+def _lora_name(name: str) -> str:
+    name = safe_name(name, what="LoRA name")
+    return name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+
+
+def _job_config(ctx, name: str, data: Path, values: dict, preset: str | None, checkpoint: Path | None):
+    """The TrainConfig of one LoRA: the form's values, the tab's own folders for it, checked paths."""
+    out, work = ctx.lora_path(name), work_folder(ctx, name)
+    ctx.data_roots.confine_tree(data)
+    values = dict(values)
+    for key in PATH_FIELDS:
+        if values.get(key):
+            values[key] = str(ctx.data_roots.confine(values[key], kind=key, must_exist=False))
+    if not values.get("class_data_dir"):
+        values["class_data_dir"] = str(work / "class-images")
+    overrides = {**values, "data_dir": str(data), "output": str(out), "base": ctx.base_spec or "",
+                 "checkpoint_dir": str(work / "checkpoints"), "cache_dir": str(work / "cache"),
+                 "resume": str(checkpoint) if checkpoint else ""}
+    return build_config(preset=preset or None, overrides=overrides)
+
+
 def start_training(ctx, *, name: str, source: str, folder: str | None = None, uploads=None,
                    values: dict | None = None, preset: str | None = None, overwrite: bool = False,
-                   resume: bool = False) -> Job:
+                   resume: bool = False, folders=None) -> Job:
     """Check everything, then start the trainer in the background; returns the job."""
     from sdlora.training.checkpoint import find_checkpoint
+    if source == "several folders":
+        if resume:
+            raise SdloraError("Resume continues a one-folder run; a run of several folders is resumed from the "
+                              "command line: sdlora train --resume CHECKPOINT for each LoRA")
+        return start_multi_training(ctx, folders or [], values=values, preset=preset, overwrite=overwrite)
     latest = ctx.jobs.latest("train")
     if resume and not (name or "").strip() and latest is not None:
         name = latest.title             # Resume continues the last run even before the form is refilled
-    name = safe_name(name, what="LoRA name")
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
+    name = _lora_name(name)
     out, work = ctx.lora_path(name), work_folder(ctx, name)
-    values = dict(values or {})
     checkpoint, state = None, {}
     if resume:
         checkpoint = find_checkpoint(work / "checkpoints")
@@ -99,20 +122,34 @@ def start_training(ctx, *, name: str, source: str, folder: str | None = None, up
         raise SdloraError("no images uploaded: add image files (and optional .txt captions), or choose a folder")
     else:
         data = ctx.data_roots.confine(folder or "", kind="training folder")
-    ctx.data_roots.confine_tree(data)
-    for key in PATH_FIELDS:
-        if values.get(key):
-            values[key] = str(ctx.data_roots.confine(values[key], kind=key, must_exist=False))
-    if not values.get("class_data_dir"):
-        values["class_data_dir"] = str(work / "class-images")
-    overrides = {**values, "data_dir": str(data), "output": str(out), "base": ctx.base_spec or "",
-                 "checkpoint_dir": str(work / "checkpoints"), "cache_dir": str(work / "cache"),
-                 "resume": str(checkpoint) if checkpoint else ""}
-    cfg = build_config(preset=preset or None, overrides=overrides)
+    cfg = _job_config(ctx, name, data, values or {}, preset, checkpoint)
     job = Job("train", name, config=cfg.to_dict(), control=SharingControl(ctx.device_lock, f"training {name}"),
               resumed_from=int(state.get("step", 0)))
     job.note(f"{'resuming from ' + str(checkpoint) if checkpoint else 'starting'}: {data} -> {out}")
     return ctx.jobs.start(job, partial(run_training, cfg=cfg, device=ctx.device_lock, load_base=ctx.training_base))
+
+
+def start_multi_training(ctx, folders, *, values: dict | None = None, preset: str | None = None,
+                         overwrite: bool = False) -> Job:
+    """One LoRA per folder (named after it), all trained in one run on one base (train_many)."""
+    folders = [f for f in (folders or []) if f]
+    if len(folders) < 2:
+        raise SdloraError(f"several folders: choose at least two training folders (got {len(folders)}); "
+                          "for one, choose the source 'folder'")
+    datas = [ctx.data_roots.confine(f, kind="training folder") for f in folders]
+    names = [_lora_name(d.name) for d in datas]
+    if len(set(names)) < len(names):
+        raise SdloraError(f"two folders have the same name ({', '.join(names)}): each LoRA is named after its "
+                          "folder, so rename one")
+    taken = [ctx.lora_path(n).name for n in names if ctx.lora_path(n).exists()]
+    if taken and not overwrite:
+        raise SdloraError(f"{', '.join(taken)} already exist in {ctx.loras_dir}: rename the folders or tick overwrite")
+    cfgs = [_job_config(ctx, n, d, values or {}, preset, None) for n, d in zip(names, datas)]
+    title = " + ".join(names)
+    job = Job("train", title, config=cfgs[0].to_dict(), control=SharingControl(ctx.device_lock, f"training {title}"))
+    for d, n in zip(datas, names):
+        job.note(f"starting: {d} -> {ctx.lora_path(n)}")
+    return ctx.jobs.start(job, partial(run_training, cfg=cfgs, device=ctx.device_lock, load_base=ctx.training_base))
 
 
 def stop_training(ctx) -> str:
@@ -169,11 +206,13 @@ def loss_frame(snap: dict | None):
     gradio's plot without series, so later updates drew no lines)."""
     import pandas as pd
     rows = []
-    for step, loss, smooth in (snap or {}).get("losses", []):
-        if math.isfinite(loss):
-            rows.append({"step": step, "loss": loss, "series": LOSS})
-        if math.isfinite(smooth):
-            rows.append({"step": step, "loss": smooth, "series": SMOOTHED})
+    curves = {"": (snap or {}).get("losses", []), **(snap or {}).get("curves", {})}   # name -> losses
+    for name, losses in curves.items():
+        for step, loss, smooth in losses:   # one LoRA: the raw and smoothed loss; several: smoothed per LoRA
+            if math.isfinite(loss) and len(curves) == 1:
+                rows.append({"step": step, "loss": loss, "series": LOSS})
+            if math.isfinite(smooth):
+                rows.append({"step": step, "loss": smooth, "series": f"{name}: {SMOOTHED}" if name else SMOOTHED})
     if not rows:
         return None
     return pd.DataFrame({"step": pd.Series([r["step"] for r in rows], dtype="int64"),
@@ -203,7 +242,8 @@ def view(ctx, seen):
     key = (snap["id"], snap["version"]) if snap else None
     if seen is not None and key == seen.get("key"):
         return [gr.skip()] * 6 + [seen]
-    new_seen = {"key": key, "losses": len(snap["losses"]) if snap else 0, "samples": len(snap["samples"]) if snap else 0}
+    n_losses = len(snap["losses"]) + sum(map(len, snap["curves"].values())) if snap else 0
+    new_seen = {"key": key, "losses": n_losses, "samples": len(snap["samples"]) if snap else 0}
     same = seen is not None and key is not None and seen.get("key") and seen["key"][0] == key[0]
     plot = gr.skip() if same and seen.get("losses") == new_seen["losses"] else loss_frame(snap)
     samples = gr.skip() if same and seen.get("samples") == new_seen["samples"] else \
@@ -252,6 +292,10 @@ def build(ctx, timer: gr.Timer):
             source = gr.Radio(list(SOURCES), value="folder", label="Training images", elem_id="train-source")
             folder = gr.Dropdown(ctx.data_roots.folders_with_images(), value=None, allow_custom_value=True,
                                  label=f"Folder (inside {ctx.data_roots.describe()})", elem_id="train-folder")
+            folders = gr.Dropdown(ctx.data_roots.folders_with_images(), value=[], multiselect=True,
+                                  allow_custom_value=True, visible=False, elem_id="train-folders",
+                                  label="Folders: one LoRA per folder, named after it, all trained in one run "
+                                        "on one base (the options below apply to each)")
             uploads = gr.File(file_count="multiple", file_types=["image", ".txt", ".caption"], type="filepath",
                               label="Upload images (+ .txt captions with the same names)", elem_id="train-upload",
                               visible=False)
@@ -290,8 +334,8 @@ def build(ctx, timer: gr.Timer):
     field_comps = [comps[k] for k in fields]
     seen = gr.State(None)
 
-    source.change(lambda s: (gr.update(visible=s == "folder"), gr.update(visible=s == "upload")), source,
-                  [folder, uploads], show_progress="hidden")
+    source.change(lambda s: tuple(gr.update(visible=s == v) for v in SOURCES), source,
+                  [folder, uploads, folders], show_progress="hidden")
 
     def on_preset(p):
         try:
@@ -302,17 +346,18 @@ def build(ctx, timer: gr.Timer):
 
     preset.change(on_preset, preset, field_comps + [status], show_progress="hidden")
 
-    def launch(resume_: bool, name_, preset_, over, source_, folder_, uploads_, *vals):
+    def launch(resume_: bool, form: dict):
         try:
-            values = {k: from_form(by_name[k], v) for k, v in zip(fields, vals)}
-            job = start_training(ctx, name=name_, source=source_, folder=folder_, uploads=uploads_, values=values,
-                                 preset=preset_, overwrite=over, resume=resume_)
+            values = {k: from_form(by_name[k], form[comps[k]]) for k in fields}
+            job = start_training(ctx, name=form[name], source=form[source], folder=form[folder],
+                                 uploads=form[uploads], folders=form[folders], values=values,
+                                 preset=form[preset], overwrite=form[overwrite], resume=resume_)
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Starting the training")
         what = f"resumed from step {job.resumed_from}" if job.resumed_from else "started"
         return status_html(f"training {job.title} {what}", "busy")
 
-    inputs = [name, preset, overwrite, source, folder, uploads, *field_comps]
+    inputs = {name, preset, overwrite, source, folder, uploads, folders, *field_comps}   # a dict reaches launch
     start.click(partial(launch, False), inputs, [status], show_progress="hidden")
     resume.click(partial(launch, True), inputs, [status], show_progress="hidden")
 
