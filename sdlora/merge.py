@@ -43,7 +43,6 @@ from sdlora.fusion import bias_deltas, fused_bias, fused_weight
 from sdlora.lora_cache import DEFAULT_CACHE, LoraCache
 from sdlora.mixplan import MixEntry, Target, check_fit, load_sources, plan
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def add_arguments(parser, name: str) -> None:
 
 
 def run(args) -> int:
-    from sdlora.merge import DTYPES, fuse, mix_loras, save_mix
+    from sdlora.merge import fuse, mix_loras, save_mix
+    from sdlora.precisions import torch_dtype
     from sdlora.mixing import MixEntry
     from sdlora.paths import check_output_file
     entries = [MixEntry.parse(spec) for spec in args.lora]
@@ -40,7 +41,7 @@ def run(args) -> int:
         return 0
     out = check_output_file(args.out)     # before the work: not a folder, its folder exists
     mixed = mix_loras(entries, rank=args.rank)
-    save_mix(out, mixed, entries, dtype=DTYPES[args.save_dtype] if args.save_dtype else None)
+    save_mix(out, mixed, entries, dtype=torch_dtype(args.save_dtype) if args.save_dtype else None)
     total = sum(mixed.modules.values())
     if mixed.method == "concat":
         print(f"wrote {out}: exact merge (ranks concatenated), {total} modules")

@@ -36,10 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlora.errors import SdloraError
-from sdlora.precisions import PRECISIONS
+from sdlora.precisions import PRECISIONS, dtype_name, torch_dtype
 
-CASTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 NF4_BLOCK = 64          # QLoRA's (and bitsandbytes') block size
 FP8_MAX = 448.0         # float8_e4m3fn's largest finite value (casting beyond it gives NaN)
 
@@ -55,7 +53,7 @@ def _bnb():
 def resolve(precision: str | None, dtype: torch.dtype) -> str:
     """The stored precision `precision` means for a model loaded in `dtype` ("auto": that dtype)."""
     if precision in (None, "", "auto"):
-        return DTYPE_NAMES.get(dtype, "fp32")
+        return dtype_name(dtype) or "fp32"
     if precision not in PRECISIONS:
         raise SdloraError(f"base precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
     return precision
@@ -104,9 +102,9 @@ class _Stored:
         elif precision == "int8":
             q, scale, _ = _bnb().int8_vectorwise_quant(w.float().reshape(w.shape[0], -1).contiguous())
         elif precision == "fp8":
-            q = w.float().clamp(-FP8_MAX, FP8_MAX).to(CASTS["fp8"])
+            q = w.float().clamp(-FP8_MAX, FP8_MAX).to(torch_dtype("fp8"))
         else:
-            q = w.to(CASTS[precision])
+            q = w.to(torch_dtype(precision))
         # `weight` is the stored tensor (packed for nf4): modules keep their attribute names
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", scale)
@@ -121,7 +119,7 @@ class _Stored:
             # torch.compile'd generic path): any even shape of the same values will do
             flat = (n // 2, 2) if n == torch.Size(self.weight_shape).numel() else self.weight_shape
             state = BF.QuantState(absmax=scale, shape=flat, blocksize=NF4_BLOCK, quant_type="nf4",
-                                  dtype=dtype if dtype in DTYPE_NAMES else torch.float32)
+                                  dtype=dtype if dtype_name(dtype) else torch.float32)
             w = BF.dequantize_4bit(q, quant_state=state).view(self.weight_shape)
         elif self.precision == "int8":
             w = _bnb().int8_vectorwise_dequant(q, scale).view(self.weight_shape)
@@ -263,9 +261,9 @@ def quantize_pipeline(pipe, precision: str | None, dtype: torch.dtype | None = N
     if mixer is not None and mixer.patched:
         raise SdloraError("LoRAs are patched into this pipeline's weights; restore them before quantizing")
     if precision == "fp32" and dtype != torch.float32:
-        raise SdloraError(f"base precision fp32 with a {DTYPE_NAMES.get(dtype, dtype)} model: mixed precision "
+        raise SdloraError(f"base precision fp32 with a {dtype_name(dtype) or dtype} model: mixed precision "
                           "stores the base in its dtype; use base precision auto, or no mixed precision")
-    if precision != DTYPE_NAMES.get(dtype):
+    if precision != dtype_name(dtype):
         for comp in ("unet", "text_encoder", "text_encoder_2"):
             model = getattr(pipe, comp, None)
             if model is not None:

@@ -14,6 +14,7 @@ from sdlora.adapters import DoRA, LoHa
 from sdlora.errors import SdloraError
 from sdlora.mixing import MixEntry, Mixer, patched_mixer
 from sdlora.network import LoRANetwork, NetworkSpec
+from sdlora.precisions import torch_dtype
 from sdlora.routing import Router, kept_router
 from sdlora.training import train
 from loras import attention_paths, lora_file, random_lora
@@ -42,7 +43,7 @@ def test_stored_weight_is_the_librarys_and_the_forward_uses_exactly_it(precision
             q8, scale, _ = BF.int8_vectorwise_quant(w.reshape(w.shape[0], -1))
             ref = (q8.float() * scale[:, None] / 127).view(w.shape)
         else:
-            ref = w.to(quant.CASTS[precision]).float()
+            ref = w.to(torch_dtype(precision)).float()
         torch.testing.assert_close(q.dequantize(), ref, rtol=0, atol=1e-7)
         x = torch.randn(2, 96) if isinstance(mod, torch.nn.Linear) else torch.randn(2, 32, 8, 8)
         expect = F.linear(x, ref, mod.bias) if isinstance(mod, torch.nn.Linear) else F.conv2d(x, ref, mod.bias, padding=1)

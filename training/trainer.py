@@ -43,6 +43,7 @@ from sdlora.training import checkpoint as ckpt
 from sdlora.training import dataset as ds
 from sdlora.training import loss as L
 from sdlora.pipelines import BaseModel
+from sdlora.precisions import torch_dtype
 from sdlora.quant import quantize_pipeline
 from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
@@ -54,8 +55,6 @@ from sdlora.training.optim import build_optimizer, build_scheduler
 from sdlora.training.plan import Plan, make_plan
 from sdlora.training.sampling import ensure_class_images, generate, save_png
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "fp32": torch.float32}
 # options a resumed run must share with its checkpoint (they change the network or the data stream)
 NETWORK_KEYS = ("rank", "alpha", "unet_targets", "conv_rank", "conv_alpha", "train_text_encoder", "text_targets")
 STREAM_KEYS = ("seed", "batch_size", "grad_accum", "resolution", "buckets", "bucket_step", "min_bucket_reso",
@@ -238,7 +237,7 @@ class Trainer:
             warnings.warn("fp16 mixed precision needs a GPU; training in fp32 on the CPU (bf16 works on CPUs)")
             mp = "no"
         self.accel = make_accelerator(mp, cpu)
-        self.weight_dtype = DTYPES[mp]
+        self.weight_dtype = torch_dtype(mp)
         if self.main:
             ckpt.recover(self.ckpt_dir)         # leftovers of a killed checkpoint write
         self.accel.wait_for_everyone()
@@ -748,7 +747,7 @@ class Trainer:
         cfg = self.cfg
         md = self._metadata(started, time.time())
         tensors = self.network.state_dict_for(self.family, cfg.save_format, self.base.pipe.unet.config,
-                                              dtype=DTYPES[cfg.save_precision])
+                                              dtype=torch_dtype(cfg.save_precision))
         md["sshs_model_hash"], md["sshs_legacy_hash"] = addnet_hashes(tensors, md)
         atomic_save_file(tensors, self.out, md)
         return md
