@@ -1,14 +1,16 @@
 """The Generate tab: prompt (A1111 `<lora:...>` tags), LoRA picker with per-LoRA weights, sampler
 settings, a gallery with infotexts, "reuse parameters", PNGs saved with A1111 infotext.
 
-`run_generation` is the whole action without Gradio: it calls `sdlora.generate.generate` and
-`save_png` (what `sdlora generate` calls) under the device lock. The Mix tab uses it too.
+`run_generation` is the whole action without Gradio: it calls `sdlora.generate.generate_batches`
+and `save_png` (what `sdlora generate` calls) under the device lock. The Mix tab uses it too.
+`compare_mixes` (the "compare LoRA mixes" box) and the Mix tab's XY grid run one routed batch of
+per-image mixes through `run_grid` (-> `sdlora.xy`).
 """
 from __future__ import annotations
 
 import datetime
-import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +18,13 @@ import gradio as gr
 
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.extra_networks import LoraRef, parse_prompt
-from sdlora.generate import DEFAULT_CFG, DEFAULT_STEPS, generate, native_size, save_png
+from sdlora.generate import DEFAULT_CFG, DEFAULT_STEPS, Generated, generate_batches, native_size, save_png
 from sdlora.infotext import parse as parse_infotext
 from sdlora.infotext import read_png
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
 from sdlora.ui.common import GradioProgress, error_html, status_html
 from sdlora.ui.paths import check_image
+from sdlora.xy import compare_grid, parse_mixes
 
 MAX_SLOTS = 6           # LoRAs chosen in the picker (any number more can go in the prompt as tags)
 MAX_BATCH, MAX_COUNT = 8, 16
@@ -34,6 +37,8 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
     images: list = field(default_factory=list)       # PIL images, in order
     seconds: float = 0.0
+    grid: object = None                              # run_grid: the sdlora.xy.MixGrid
+    grid_path: Path | None = None                    # run_grid: its labelled PNG
 
 
 def picked_refs(ctx, picked) -> list[LoraRef]:
@@ -55,41 +60,90 @@ def output_folder(ctx, kind: str = "txt2img") -> Path:
     return ctx.outputs_dir / kind / datetime.date.today().isoformat()
 
 
+def gen_options(ctx, *, negative: str = "", sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                cfg: float = DEFAULT_CFG, width: int | None = None, height: int | None = None) -> dict:
+    """The generate_prompts options every UI generation passes (LoRA tags looked up in the LoRA folder)."""
+    return dict(negative=negative or "", sampler=sampler, steps=int(steps), cfg=float(cfg),
+                width=int(width) if width else None, height=int(height) if height else None,
+                lora_dir=ctx.loras_dir, progress=False)
+
+
+@contextmanager
+def on_device(ctx, who: str, progress):
+    """Hold the device lock (FIFO between sessions), saying so in the progress bar while queued."""
+    progress(0.0, "waiting for the device")
+    with ctx.device_lock.hold(who, on_wait=lambda holder: progress(0.0, f"queued: the device is busy ({holder})")):
+        yield ctx.base
+
+
+def _keep(out: GenerationResult, results, folder: Path) -> None:
+    for r in results:
+        out.paths.append(save_png(r, folder))
+        out.infotexts.append(r.infotext)
+        out.seeds.append(r.seed)
+        out.images.append(r.image)
+
+
 def run_generation(ctx, prompt: str, *, negative: str = "", loras=(), sampler: str = DEFAULT_SAMPLER,
                    steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1, width: int | None = None,
                    height: int | None = None, batch_size: int = 1, batch_count: int = 1,
                    progress=None, save_to: Path | None = None, who: str = "generation") -> GenerationResult:
     """Generate `batch_count` batches of `batch_size` images (seeds seed, seed+1, ... across all of
-    them, as A1111), save each as a PNG with its infotext; returns paths, infotexts and seeds."""
+    them, as A1111: sdlora.generate.generate_batches), save each as a PNG with its infotext; returns
+    paths, infotexts and seeds."""
     progress = progress or GradioProgress()
-    steps, batch_size, batch_count = int(steps), int(batch_size), int(batch_count)
+    batch_size, batch_count = int(batch_size), int(batch_count)
     if not 1 <= batch_size <= MAX_BATCH or not 1 <= batch_count <= MAX_COUNT:
         raise SdloraError(f"batch size must be 1-{MAX_BATCH} and batch count 1-{MAX_COUNT}")
     parse_prompt(prompt)                         # a malformed tag fails before waiting for the device
-    seed = int(seed) if seed is not None else -1
-    if seed < 0:
-        seed = random.randrange(2**32 - 1)
-    out = GenerationResult()
-    folder = save_to or output_folder(ctx)
-    progress(0.0, "waiting for the device")
-    with ctx.device_lock.hold(who, on_wait=lambda holder: progress(0.0, f"queued: the device is busy ({holder})")):
+    opts = gen_options(ctx, negative=negative, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
+    out, folder = GenerationResult(), save_to or output_folder(ctx)
+
+    def on_step(n, done, total):
+        progress((n + done / total) / batch_count, f"batch {n + 1}/{batch_count}: step {done}/{total}")
+
+    with on_device(ctx, who, progress) as base:
         t0 = time.time()
-        base = ctx.base
-        for n in range(batch_count):
-            def on_step(done, total, n=n):
-                progress((n + done / total) / batch_count, f"batch {n + 1}/{batch_count}: step {done}/{total}")
-            results = generate(base, prompt, negative=negative, loras=list(loras), seed=seed + n * batch_size,
-                               steps=steps, cfg=float(cfg), sampler=sampler, width=int(width) if width else None,
-                               height=int(height) if height else None, batch=batch_size, lora_dir=ctx.loras_dir,
-                               progress=False, on_step=on_step)
-            for r in results:
-                out.paths.append(save_png(r, folder))
-                out.infotexts.append(r.infotext)
-                out.seeds.append(r.seed)
-                out.images.append(r.image)
+        for results in generate_batches(base, prompt, count=batch_count, batch=batch_size,
+                                        seed=int(seed) if seed is not None else -1, loras=list(loras),
+                                        on_step=on_step, **opts):
+            _keep(out, results, folder)
         out.seconds = time.time() - t0
     progress(1.0, "done")
     return out
+
+
+def run_grid(ctx, make, *, progress=None, save_to: Path | None = None, who: str = "grid") -> GenerationResult:
+    """`make(base, on_step)` -> an sdlora.xy.MixGrid, run under the device lock; every cell is saved
+    with its infotext, then the labelled grid (its text: the grid's description)."""
+    progress = progress or GradioProgress()
+    out, folder = GenerationResult(), save_to or output_folder(ctx)
+
+    def on_step(done, total):
+        progress(done / total, f"{who}: step {done}/{total}")
+
+    with on_device(ctx, who, progress) as base:
+        t0 = time.time()
+        out.grid = make(base, on_step)
+        out.seconds = time.time() - t0
+    _keep(out, out.grid.cells, folder)
+    out.grid_path = save_png(Generated(out.grid.image, out.grid.cells[0].seed, out.grid.info), folder)
+    progress(1.0, "done")
+    return out
+
+
+def compare_mixes(ctx, prompt: str, mixes_text: str, *, loras=(), seed: int = -1, progress=None,
+                  save_to: Path | None = None, **options) -> GenerationResult:
+    """The "compare" grid: `prompt` with each mix of `mixes_text` (one per line, `<lora:a:0.8>
+    <lora:b:-0.5>`; an empty line: no LoRA) on top of `loras` and the prompt's tags, same seed, one
+    routed batch (sdlora.xy.compare_grid). `options`: gen_options'."""
+    parse_prompt(prompt)
+    labels, mixes = parse_mixes(mixes_text, ctx.loras_dir)
+    opts = gen_options(ctx, **options)
+    seed = int(seed) if seed is not None else -1
+    return run_grid(ctx, lambda base, step: compare_grid(base, prompt, mixes, labels, loras=list(loras), seed=seed,
+                                                         on_step=step, **opts),
+                    progress=progress, save_to=save_to or output_folder(ctx, "compare"), who="compare grid")
 
 
 def reuse_settings(text: str) -> dict:

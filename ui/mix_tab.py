@@ -1,25 +1,27 @@
 """The Mix tab: several LoRAs with weights (negative too) and block-weight presets, a fixed-seed
 preview, an XY grid over two LoRAs' weights, and "save mix as one LoRA" (exact or reduced rank).
 
-Preview and grid go through `run_generation` (-> `sdlora.generate.generate`, block weights as A1111
-`lbw=` tags); saving calls `sdlora.merge.mix_loras` / `save_mix`, the functions of `sdlora mix`.
+The preview goes through `run_generation` (-> `sdlora.generate`, block weights as A1111 `lbw=`
+tags), the XY grid through `run_grid` (-> `sdlora.xy.weight_grid`: all cells as routed batches,
+one seed for all); saving calls `sdlora.merge.mix_loras` / `save_mix`, the functions of `sdlora mix`.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import gradio as gr
 
 from sdlora.blocks import PRESETS
 from sdlora.errors import SdloraError
-from sdlora.generate import native_size, save_png
-from sdlora.grid import parse_values, xy_grid
+from sdlora.extra_networks import parse_prompt
+from sdlora.generate import native_size
+from sdlora.grid import parse_values
 from sdlora.merge import mix_loras, save_mix
 from sdlora.mixing import MixEntry
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
 from sdlora.ui.common import GradioProgress, error_html, status_html
-from sdlora.ui.generate_tab import output_folder, picked_refs, run_generation
+from sdlora.ui.generate_tab import gen_options, output_folder, picked_refs, run_generation, run_grid
+from sdlora.xy import weight_grid
 from sdlora.ui.paths import safe_name
 
 MIX_SLOTS = 4
@@ -47,10 +49,11 @@ def preview(ctx, rows, prompt, *, negative="", seed=1, steps=20, cfg=7.0, sample
 
 
 def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, prompt, *, negative="", seed=1,
-            steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None, height=None, progress=None):
-    """A grid of images: LoRA `x_slot`'s weight along X, `y_slot`'s along Y, everything else fixed.
+            steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None, height=None, progress=None, chunk=None):
+    """A grid of images: LoRA `x_slot`'s weight along X, `y_slot`'s along Y, everything else fixed,
+    every cell with the same seed; all cells in routed batches of at most `chunk` images (default:
+    sdlora.xy.chunk_size) by sdlora.xy.weight_grid. Each cell and the grid are saved.
     Returns (grid PNG path, number of cells, its description)."""
-    progress = progress or GradioProgress()
     xs, ys = parse_values(x_text, "X values"), parse_values(y_text, "Y values")
     names = [r[0] for r in rows]
     for slot in (x_slot, y_slot):
@@ -59,29 +62,18 @@ def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, promp
     if x_slot == y_slot:
         raise SdloraError("X and Y are the same LoRA; pick two different rows")
     refs = mix_refs(ctx, rows)
+    parse_prompt(prompt)
     filled = [i for i, r in enumerate(rows) if r[0]]             # rows index -> refs index
     ix, iy = filled.index(x_slot), filled.index(y_slot)
-    grid_rows, n, total = [], 0, len(xs) * len(ys)
-    folder = output_folder(ctx, "xy")
-    for y in ys:
-        row = []
-        for x in xs:
-            cell = list(refs)
-            cell[ix] = dataclasses.replace(cell[ix], te=x, unet=x)
-            cell[iy] = dataclasses.replace(cell[iy], te=y, unet=y)
-            sub = (lambda f, d, n=n: progress((n + f) / total, f"cell {n + 1}/{total}: {d}"))
-            res = run_generation(ctx, prompt, negative=negative, loras=cell, seed=seed, steps=steps, cfg=cfg,
-                                 sampler=sampler, width=width, height=height, progress=sub, save_to=folder,
-                                 who="XY grid")
-            row.append(res.images[0])
-            n += 1
-        grid_rows.append(row)
-    grid = xy_grid(grid_rows, x_title=names[x_slot], x_values=xs, y_title=names[y_slot], y_values=ys)
-    from sdlora.generate import Generated
-    info = (f"XY grid: X = {names[x_slot]} weight {', '.join(f'{v:g}' for v in xs)}; "
-            f"Y = {names[y_slot]} weight {', '.join(f'{v:g}' for v in ys)}\n{prompt}")
-    path = save_png(Generated(grid, int(seed), info), folder)
-    return path, total, info
+    opts = gen_options(ctx, negative=negative, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
+    seed = int(seed) if seed is not None else -1
+
+    def make(base, on_step):
+        return weight_grid(base, prompt, refs, x=ix, xs=xs, y=iy, ys=ys, seed=seed, chunk=chunk, on_step=on_step,
+                           **opts)
+
+    res = run_grid(ctx, make, progress=progress, save_to=output_folder(ctx, "xy"), who="XY grid")
+    return res.grid_path, len(res.grid.cells), res.grid.info
 
 
 def save_mixed(ctx, rows, name: str, rank: int | None, overwrite: bool = False):
