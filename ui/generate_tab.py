@@ -202,93 +202,132 @@ def slot_updates(picked, prev_names, unet_values, te_values):
     return [*rows, *unets, *tes, picked]
 
 
-def build(ctx):
-    """The tab's components (returned, so the app can wire other tabs to them) and events."""
+def _settings(side: int) -> dict:
+    """The sampler / size / batch / seed rows."""
+    c = {}
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-sampler")
+        c["steps"] = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="gen-steps")
+        c["cfg"] = gr.Slider(1, 30, value=DEFAULT_CFG, step=0.5, label="CFG scale", elem_id="gen-cfg")
+    with gr.Row():
+        c["width"] = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
+        c["height"] = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
+    with gr.Row():
+        c["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="gen-batch-size")
+        c["batch_count"] = gr.Slider(1, MAX_COUNT, value=1, step=1, label="Batch count", elem_id="gen-batch-count")
+    with gr.Row():
+        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed", scale=3)
+        c["random_seed"] = gr.Button("random", size="sm", scale=1, elem_id="gen-seed-random")
+        c["last_seed"] = gr.Button("last seed", size="sm", scale=1, elem_id="gen-seed-last")
+    return c
+
+
+def _layout(ctx) -> dict:
+    """The tab's components by name (unet_sliders, te_sliders, slot_rows: one per picker slot)."""
     base = ctx.base
-    side = native_size(base.pipe)
-    names = ctx.catalog.names(ctx.family)
+    c = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
-                                placeholder="a red circle on a blue background <lora:NAME:0.8>  "
-                                            "(<lora:NAME:TE:UNET> sets the text-encoder weight first, as in A1111)")
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
+            c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
+                                     placeholder="a red circle on a blue background <lora:NAME:0.8>  "
+                                                 "(<lora:NAME:TE:UNET> sets the text-encoder weight first, as in A1111)")
+            c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
         with gr.Column(scale=1, min_width=220):
-            go = gr.Button("Generate", variant="primary", elem_id="gen-go", size="lg")
-            status = gr.HTML(elem_id="gen-status", js_on_load=None)
+            c["go"] = gr.Button("Generate", variant="primary", elem_id="gen-go", size="lg")
+            c["status"] = gr.HTML(elem_id="gen-status", js_on_load=None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            picker = gr.Dropdown(choices=names, value=[], multiselect=True, max_choices=MAX_SLOTS,
-                                 label=f"LoRAs (from {ctx.loras_dir}; only those that fit {base.name})",
-                                 elem_id="gen-loras")
-            rows, unet_sliders, te_sliders = [], [], []
+            c["picker"] = gr.Dropdown(choices=ctx.catalog.names(ctx.family), value=[], multiselect=True,
+                                      max_choices=MAX_SLOTS, elem_id="gen-loras",
+                                      label=f"LoRAs (from {ctx.loras_dir}; only those that fit {base.name})")
+            c["slot_rows"], c["unet_sliders"], c["te_sliders"] = [], [], []
             for i in range(MAX_SLOTS):
                 with gr.Row(visible=False, elem_id=f"gen-slot-{i}") as row:
-                    unet_sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight (UNet)",
-                                                  elem_id=f"gen-slot-{i}-unet", scale=2))
-                    te_sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="text-encoder weight",
-                                                elem_id=f"gen-slot-{i}-te", scale=2))
-                rows.append(row)
-            with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-sampler")
-                steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="gen-steps")
-                cfg = gr.Slider(1, 30, value=DEFAULT_CFG, step=0.5, label="CFG scale", elem_id="gen-cfg")
-            with gr.Row():
-                width = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
-                height = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
-            with gr.Row():
-                batch_size = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="gen-batch-size")
-                batch_count = gr.Slider(1, MAX_COUNT, value=1, step=1, label="Batch count", elem_id="gen-batch-count")
-            with gr.Row():
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed", scale=3)
-                random_seed = gr.Button("random", size="sm", scale=1, elem_id="gen-seed-random")
-                last_seed = gr.Button("last seed", size="sm", scale=1, elem_id="gen-seed-last")
+                    c["unet_sliders"].append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight (UNet)",
+                                                       elem_id=f"gen-slot-{i}-unet", scale=2))
+                    c["te_sliders"].append(gr.Slider(-2, 2, value=1.0, step=0.05, label="text-encoder weight",
+                                                     elem_id=f"gen-slot-{i}-te", scale=2))
+                c["slot_rows"].append(row)
+            c.update(_settings(native_size(base.pipe)))
+            with gr.Accordion("Compare LoRA mixes (same prompt and seed, one image per mix)", open=False,
+                              elem_id="gen-compare-box"):
+                c["compare_text"] = gr.Textbox(label="Mixes, one per line (an empty line: no LoRA)", lines=4,
+                                               elem_id="gen-compare-mixes",
+                                               placeholder="<lora:a:0.8> <lora:b:-0.5>\n\n<lora:a:1>")
+                c["compare"] = gr.Button("Compare", elem_id="gen-compare")
             with gr.Accordion("Reuse parameters (paste an infotext or drop a PNG)", open=False, elem_id="gen-reuse-box"):
-                paste = gr.Textbox(label="Infotext", lines=4, elem_id="gen-paste",
-                                   placeholder="a red circle <lora:neon:0.8>\nNegative prompt: ...\nSteps: 20, Sampler: ...")
-                png = gr.File(label="PNG with parameters", file_types=[".png"], type="filepath", elem_id="gen-png")
-                reuse = gr.Button("Reuse parameters", elem_id="gen-reuse")
+                c["paste"] = gr.Textbox(label="Infotext", lines=4, elem_id="gen-paste",
+                                        placeholder="a red circle <lora:neon:0.8>\nNegative prompt: ...\nSteps: 20, Sampler: ...")
+                c["png"] = gr.File(label="PNG with parameters", file_types=[".png"], type="filepath", elem_id="gen-png")
+                c["reuse"] = gr.Button("Reuse parameters", elem_id="gen-reuse")
         with gr.Column(scale=2, min_width=320):
-            gallery = gr.Gallery(label="Results", columns=3, height=420, object_fit="contain", elem_id="gen-gallery",
-                                 format="png", interactive=False)
-            infotext = gr.Textbox(label="Infotext of the selected image", lines=5, elem_id="gen-infotext",
-                                  buttons=["copy"])
-            reuse_shown = gr.Button("Reuse this image's parameters", size="sm", elem_id="gen-reuse-shown")
+            c["gallery"] = gr.Gallery(label="Results", columns=3, height=420, object_fit="contain",
+                                      elem_id="gen-gallery", format="png", interactive=False)
+            c["infotext"] = gr.Textbox(label="Infotext of the selected image", lines=5, elem_id="gen-infotext",
+                                       buttons=["copy"])
+            c["reuse_shown"] = gr.Button("Reuse this image's parameters", size="sm", elem_id="gen-reuse-shown")
+    return c
 
-    picked_names = gr.State([])        # per browser tab
-    infotexts = gr.State([])
-    used_seed = gr.State(None)
 
-    picker.change(lambda p, prev, *v: slot_updates(p, prev, v[:MAX_SLOTS], v[MAX_SLOTS:]),
-                  [picker, picked_names, *unet_sliders, *te_sliders],
-                  [*rows, *unet_sliders, *te_sliders, picked_names], show_progress="hidden")
+OPTION_FIELDS = ("negative", "sampler", "steps", "cfg", "width", "height")   # gen_options' keywords
 
-    def on_generate(prompt_, negative_, picked, *rest, progress=gr.Progress()):
-        n = MAX_SLOTS
-        unets, tes = rest[:n], rest[n:2 * n]
-        sampler_, steps_, cfg_, seed_, w, h, bs, bc = rest[2 * n:]
+
+def _picked(ctx, c, v) -> list[LoraRef]:
+    """The picker's LoRAs with their sliders' weights, from the event's values `v` (by component)."""
+    names = (v[c["picker"]] or [])[:MAX_SLOTS]
+    return picked_refs(ctx, [(name, v[c["unet_sliders"][i]], v[c["te_sliders"][i]]) for i, name in enumerate(names)])
+
+
+def _shown(res: GenerationResult, what: str) -> list:
+    """Outputs of a finished generation: gallery items, first infotext, status, infotexts, seed used."""
+    paths, texts, seeds = list(res.paths), list(res.infotexts), list(res.seeds)
+    items = [(str(p), f"seed {s}") for p, s in zip(paths, seeds)]
+    if res.grid_path is not None:                 # the labelled grid first, then its cells
+        items.insert(0, (str(res.grid_path), "grid"))
+        texts.insert(0, res.grid.info)
+    note = (f"{what + ': ' if what else ''}{len(paths)} image(s) in {res.seconds:.1f} s · seed used: {seeds[0]}"
+            f"{f'..{seeds[-1]}' if len(set(seeds)) > 1 else ''} · saved in {paths[0].parent}")
+    return [items, texts[0], status_html(note, "ok"), texts, seeds[0]]
+
+
+def _wire_generate(ctx, c, infotexts, used_seed) -> None:
+    """Generate and Compare: inputs by component (a dict of values), same outputs."""
+    fields = ["prompt", *OPTION_FIELDS, "seed", "picker"]
+    common = {c[k] for k in fields} | set(c["unet_sliders"]) | set(c["te_sliders"])
+    outputs = [c["gallery"], c["infotext"], c["status"], infotexts, used_seed]
+
+    def on_generate(v, progress=gr.Progress()):
         try:
-            refs = picked_refs(ctx, [(name, unets[i], tes[i]) for i, name in enumerate((picked or [])[:n])])
-            res = run_generation(ctx, prompt_, negative=negative_, loras=refs, sampler=sampler_, steps=steps_,
-                                 cfg=cfg_, seed=seed_, width=w, height=h, batch_size=bs, batch_count=bc,
-                                 progress=GradioProgress(progress))
+            res = run_generation(ctx, v[c["prompt"]], loras=_picked(ctx, c, v), seed=v[c["seed"]],
+                                 batch_size=v[c["batch_size"]], batch_count=v[c["batch_count"]],
+                                 progress=GradioProgress(progress), **{k: v[c[k]] for k in OPTION_FIELDS})
         except Exception as e:  # noqa: BLE001 - every failure is shown in the page
-            return gr.skip(), gr.skip(), error_html(e, "Generation"), gr.skip(), gr.skip()
-        items = [(str(p), f"seed {s}") for p, s in zip(res.paths, res.seeds)]
-        note = (f"{len(res.paths)} image(s) in {res.seconds:.1f} s · seed used: {res.seeds[0]}"
-                f"{f'..{res.seeds[-1]}' if len(res.seeds) > 1 else ''} · saved in {res.paths[0].parent}")
-        return items, res.infotexts[0], status_html(note, "ok"), res.infotexts, res.seeds[0]
+            return [gr.skip(), gr.skip(), error_html(e, "Generation"), gr.skip(), gr.skip()]
+        return _shown(res, "")
 
-    go.click(on_generate, [prompt, negative, picker, *unet_sliders, *te_sliders, sampler, steps, cfg, seed,
-                           width, height, batch_size, batch_count],
-             [gallery, infotext, status, infotexts, used_seed], concurrency_limit=None, show_progress_on=[gallery])
+    def on_compare(v, progress=gr.Progress()):
+        try:
+            res = compare_mixes(ctx, v[c["prompt"]], v[c["compare_text"]], loras=_picked(ctx, c, v),
+                                seed=v[c["seed"]], progress=GradioProgress(progress),
+                                **{k: v[c[k]] for k in OPTION_FIELDS})
+        except Exception as e:  # noqa: BLE001
+            return [gr.skip(), gr.skip(), error_html(e, "Compare"), gr.skip(), gr.skip()]
+        return _shown(res, f"compared {len(res.paths)} mixes")
 
+    c["go"].click(on_generate, common | {c["batch_size"], c["batch_count"]}, outputs, concurrency_limit=None,
+                  show_progress_on=[c["gallery"]])
+    c["compare"].click(on_compare, common | {c["compare_text"]}, outputs, concurrency_limit=None,
+                       show_progress_on=[c["gallery"]])
+
+
+def _wire_reuse(c, infotexts, used_seed) -> None:
+    """Gallery selection, seed buttons, PNG upload and "reuse parameters"."""
     def on_select(texts, evt: gr.SelectData):
         return texts[evt.index] if texts and evt.index is not None and evt.index < len(texts) else gr.skip()
 
-    gallery.select(on_select, [infotexts], [infotext], show_progress="hidden")
-    random_seed.click(lambda: -1, None, seed, show_progress="hidden")
-    last_seed.click(lambda s: s if s is not None else gr.skip(), used_seed, seed, show_progress="hidden")
+    c["gallery"].select(on_select, [infotexts], [c["infotext"]], show_progress="hidden")
+    c["random_seed"].click(lambda: -1, None, c["seed"], show_progress="hidden")
+    c["last_seed"].click(lambda s: s if s is not None else gr.skip(), used_seed, c["seed"], show_progress="hidden")
 
     def on_png(path):
         if not path:
@@ -298,11 +337,22 @@ def build(ctx):
         except Exception as e:  # noqa: BLE001
             return gr.skip(), error_html(e, "Reading the PNG")
 
-    png.upload(on_png, png, [paste, status], show_progress="hidden")
+    c["png"].upload(on_png, c["png"], [c["paste"], c["status"]], show_progress="hidden")
+    settings_out = [c[k] for k in REUSE_FIELDS] + [c["picker"], c["status"]]
+    c["reuse"].click(reuse_updates, c["paste"], settings_out, show_progress="hidden")
+    c["reuse_shown"].click(reuse_updates, c["infotext"], settings_out, show_progress="hidden")
 
-    settings_out = [prompt, negative, sampler, steps, cfg, seed, width, height, picker, status]
-    reuse.click(reuse_updates, paste, settings_out, show_progress="hidden")
-    reuse_shown.click(reuse_updates, infotext, settings_out, show_progress="hidden")
-    return dict(prompt=prompt, negative=negative, picker=picker, status=status, gallery=gallery,
-                infotext=infotext, seed=seed, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
 
+def build(ctx):
+    """The tab's components (returned, so the app can wire other tabs to them) and events."""
+    c = _layout(ctx)
+    picked_names = gr.State([])        # per browser tab
+    infotexts = gr.State([])
+    used_seed = gr.State(None)
+    c["picker"].change(lambda p, prev, *v: slot_updates(p, prev, v[:MAX_SLOTS], v[MAX_SLOTS:]),
+                       [c["picker"], picked_names, *c["unet_sliders"], *c["te_sliders"]],
+                       [*c["slot_rows"], *c["unet_sliders"], *c["te_sliders"], picked_names], show_progress="hidden")
+    _wire_generate(ctx, c, infotexts, used_seed)
+    _wire_reuse(c, infotexts, used_seed)
+    return {k: c[k] for k in ("prompt", "negative", "picker", "status", "gallery", "infotext", "seed", "sampler",
+                              "steps", "cfg", "width", "height")}

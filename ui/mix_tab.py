@@ -175,18 +175,17 @@ def build(ctx):
 
     preview_btn.click(on_preview, slot_inputs + gen_inputs, [image, infotext, status], concurrency_limit=None)
 
-    def on_grid(*vals, progress=gr.Progress()):
+    def on_grid(v, progress=gr.Progress()):
         try:
-            rows = rows_of(vals[:3 * MIX_SLOTS])
-            xs, xv, ys, yv, *g = vals[3 * MIX_SLOTS:]
-            path, n, info = xy_plot(ctx, rows, int(xs), xv, int(ys), yv, g[0], progress=GradioProgress(progress),
-                                    **gen_kwargs(g))
+            rows = list(zip(*([v[x] for x in col] for col in (pickers, weights, presets))))
+            path, n, info = xy_plot(ctx, rows, int(v[x_slot]), v[x_values], int(v[y_slot]), v[y_values], v[prompt],
+                                    progress=GradioProgress(progress), **gen_kwargs([v[x] for x in gen_inputs]))
         except Exception as e:  # noqa: BLE001
             return gr.skip(), gr.skip(), error_html(e, "XY grid")
         return str(path), info, status_html(f"XY grid of {n} images: {path.name}", "ok")
 
-    grid_btn.click(on_grid, slot_inputs + [x_slot, x_values, y_slot, y_values] + gen_inputs, [image, infotext, status],
-                   concurrency_limit=None)
+    grid_btn.click(on_grid, set(slot_inputs + gen_inputs) | {x_slot, x_values, y_slot, y_values},
+                   [image, infotext, status], concurrency_limit=None)
 
     def on_save(*vals):
         try:
