@@ -3,7 +3,8 @@
     values = parse_values("0, 0.5, 1")            # also "0:1:5" = 5 values from 0 to 1
     grid = xy_grid(rows, x_title="neon", x_values=[0, 0.5, 1], y_title="toon", y_values=[0, 1])
 
-`rows[j][i]` is the image for (x_values[i], y_values[j]). Small images (the tiny model's 64 px)
+`rows[j][i]` is the image for (x_values[i], y_values[j]); `labelled_grid` takes text labels
+instead (wrapped to the cell width: the "compare LoRA mixes" row). Small images (the tiny model's 64 px)
 are scaled up with nearest-neighbour so the labels stay readable.
 """
 from __future__ import annotations

@@ -152,51 +152,57 @@ def build(ctx):
                              format="png", height=480)
             infotext = gr.Textbox(label="Infotext", lines=4, elem_id="mix-infotext")
 
-    def rows_of(vals):
-        n = MIX_SLOTS
-        return list(zip(vals[:n], vals[n:2 * n], vals[2 * n:3 * n]))
+    c = dict(pickers=pickers, weights=weights, presets=presets, prompt=prompt, negative=negative, seed=seed,
+             steps=steps, cfg=cfg, sampler=sampler, x_slot=x_slot, x_values=x_values, y_slot=y_slot,
+             y_values=y_values, mix_name=mix_name, method=method, rank=rank, overwrite=overwrite, status=status,
+             image=image, infotext=infotext)
+    _wire(ctx, c, side, preview_btn=preview_btn, grid_btn=grid_btn, save_btn=save_btn)
+    return dict(pickers=pickers, status=status, image=image)
 
-    slot_inputs = [*pickers, *weights, *presets]
-    gen_inputs = [prompt, negative, seed, steps, cfg, sampler]
 
-    def gen_kwargs(vals):
-        p, neg, s, st, c, smp = vals
-        return dict(negative=neg, seed=int(s if s is not None else 1), steps=st, cfg=c, sampler=smp,
-                    width=side, height=side)
+def _wire(ctx, c, side: int, *, preview_btn, grid_btn, save_btn) -> None:
+    """Preview, XY grid and save: each handler gets its inputs as a dict of values by component."""
+    slots = set(c["pickers"]) | set(c["weights"]) | set(c["presets"])
+    gen = {c[k] for k in ("prompt", "negative", "seed", "steps", "cfg", "sampler")}
+    shown = [c["image"], c["infotext"], c["status"]]
 
-    def on_preview(*vals, progress=gr.Progress()):
+    def rows_of(v):
+        return list(zip(*([v[x] for x in c[col]] for col in ("pickers", "weights", "presets"))))
+
+    def gen_kwargs(v):
+        s = v[c["seed"]]
+        return dict(negative=v[c["negative"]], seed=int(s if s is not None else 1), steps=v[c["steps"]],
+                    cfg=v[c["cfg"]], sampler=v[c["sampler"]], width=side, height=side)
+
+    def on_preview(v, progress=gr.Progress()):
         try:
-            rows, g = rows_of(vals[:3 * MIX_SLOTS]), vals[3 * MIX_SLOTS:]
-            res = preview(ctx, rows, g[0], progress=GradioProgress(progress), **gen_kwargs(g))
+            res = preview(ctx, rows_of(v), v[c["prompt"]], progress=GradioProgress(progress), **gen_kwargs(v))
         except Exception as e:  # noqa: BLE001
             return gr.skip(), gr.skip(), error_html(e, "Preview")
         return str(res.paths[0]), res.infotexts[0], status_html(f"preview with seed {res.seeds[0]} "
                                                                  f"({res.seconds:.1f} s)", "ok")
 
-    preview_btn.click(on_preview, slot_inputs + gen_inputs, [image, infotext, status], concurrency_limit=None)
-
     def on_grid(v, progress=gr.Progress()):
         try:
-            rows = list(zip(*([v[x] for x in col] for col in (pickers, weights, presets))))
-            path, n, info = xy_plot(ctx, rows, int(v[x_slot]), v[x_values], int(v[y_slot]), v[y_values], v[prompt],
-                                    progress=GradioProgress(progress), **gen_kwargs([v[x] for x in gen_inputs]))
+            path, n, info = xy_plot(ctx, rows_of(v), int(v[c["x_slot"]]), v[c["x_values"]], int(v[c["y_slot"]]),
+                                    v[c["y_values"]], v[c["prompt"]], progress=GradioProgress(progress),
+                                    **gen_kwargs(v))
         except Exception as e:  # noqa: BLE001
             return gr.skip(), gr.skip(), error_html(e, "XY grid")
         return str(path), info, status_html(f"XY grid of {n} images: {path.name}", "ok")
 
-    grid_btn.click(on_grid, set(slot_inputs + gen_inputs) | {x_slot, x_values, y_slot, y_values},
-                   [image, infotext, status], concurrency_limit=None)
-
-    def on_save(*vals):
+    def on_save(v):
         try:
-            rows = rows_of(vals[:3 * MIX_SLOTS])
-            name, how, r, over = vals[3 * MIX_SLOTS:]
+            how, r = v[c["method"]], v[c["rank"]]
             if not how.startswith("exact") and not r:
                 raise SdloraError("reduced rank: enter the rank to keep (e.g. 16)")
-            path, mixed = save_mixed(ctx, rows, name, None if how.startswith("exact") else r, bool(over))
+            path, mixed = save_mixed(ctx, rows_of(v), v[c["mix_name"]], None if how.startswith("exact") else r,
+                                     bool(v[c["overwrite"]]))
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Saving the mix")
         return status_html(describe_mix(path, mixed), "ok")
 
-    save_btn.click(on_save, slot_inputs + [mix_name, method, rank, overwrite], [status])
-    return dict(pickers=pickers, status=status, image=image)
+    preview_btn.click(on_preview, slots | gen, shown, concurrency_limit=None)
+    grid_btn.click(on_grid, slots | gen | {c[k] for k in ("x_slot", "x_values", "y_slot", "y_values")}, shown,
+                   concurrency_limit=None)
+    save_btn.click(on_save, slots | {c[k] for k in ("mix_name", "method", "rank", "overwrite")}, [c["status"]])
