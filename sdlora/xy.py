@@ -159,8 +159,11 @@ def parse_mixes(text: str, lora_dir) -> tuple[list[str], list[list[LoraRef]]]:
         if rest.strip(" ,"):
             raise SdloraError(f"mix on line {n}: {rest.strip()!r} is no <lora:NAME:W> tag; a mix line holds "
                               "only tags (the prompt is the same for all)")
+        try:
+            mixes.append(resolve(tags, lora_dir))
+        except FileNotFoundError as e:
+            raise SdloraError(f"mix on line {n}: {e}") from None
         labels.append(" ".join(r.tag for r in tags))
-        mixes.append(resolve(tags, lora_dir))
     return labels, mixes
 
 

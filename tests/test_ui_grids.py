@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora.errors import SdloraError
+from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.extra_networks import LoraRef
 from sdlora.generate import generate_batches, generate_prompts
 from sdlora.hashes import addnet_hash
 from sdlora.infotext import read_png
 from sdlora.mixing import _components, mixer_for
-from uikit import base_spec, write_lora
+from uikit import base_spec, write_lora, write_sdxl_lora
 
 STYLES = os.path.join(os.path.dirname(__file__), "..", "sample_data", "styles")
 STEPS = 3
@@ -166,12 +166,15 @@ def test_compare_refuses_bad_mixes(ctx, text, match):
         compare_mixes(ctx, "a red circle", text, steps=1)
 
 
-def test_compare_missing_lora_fails_before_generating(ctx):
+def test_compare_missing_or_misfit_lora_fails_before_generating(ctx):
     from sdlora.ui.generate_tab import compare_mixes
     folder = ctx.outputs_dir / "compare"
     before = set(folder.rglob("*.png")) if folder.exists() else set()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(SdloraError, match="line 2: <lora:missing>"):
         compare_mixes(ctx, "a red circle", "<lora:style:1>\n<lora:missing:1>", steps=1)
+    write_sdxl_lora(ctx.loras_dir / "xl_style.safetensors")
+    with pytest.raises(FamilyMismatchError, match="SDXL"):
+        compare_mixes(ctx, "a red circle", "<lora:style:1>\n<lora:xl_style:1>", steps=1)
     assert (set(folder.rglob("*.png")) if folder.exists() else set()) == before
 
 
