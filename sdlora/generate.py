@@ -14,6 +14,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Callable
 
 from sdlora import __version__
@@ -42,7 +43,7 @@ def apply_loras(pipe, loras: list[LoraRef]) -> None:
     into the weights, or routed by hooks on a quantized base (routing.set_active)."""
     from sdlora.mixing import MixEntry
     from sdlora.routing import set_active
-    set_active(pipe, [MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in loras])
+    set_active(pipe, [MixEntry.of(r) for r in loras])
 
 
 def lora_hash(path: Path) -> str:
@@ -66,12 +67,15 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
                      steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER,
                      width: int | None = None, height: int | None = None, batch: int = 1,
                      lora_dir=DEFAULT_LORA_DIR, progress: bool = True, mode: str = "auto",
+                     prompt_loras: Sequence[Sequence[LoraRef]] | None = None, seeds: Sequence[int] | None = None,
                      on_step: Callable[[int, int], None] | None = None) -> list[Generated]:
     """`batch` images per prompt, all in one pipeline run. `<lora:...>` tags in each prompt are looked
     up in `lora_dir` and apply to that prompt's images only, with `loras` (explicit LoraRefs with
-    paths) on every image. One mix for all images is patched into the weights; different mixes are
-    routed per image (sdlora.routing); `mode` ("auto", "patch", "route") forces one, and each result's
-    `mode` says which was used. Image i (prompt-major) uses seed + i.
+    paths) on every image and `prompt_loras[i]` (LoraRefs with paths, one list per prompt) on prompt
+    i's images only; the infotext shows both as tags after the prompt. One mix for all images is
+    patched into the weights; different mixes are routed per image (sdlora.routing); `mode` ("auto",
+    "patch", "route") forces one, and each result's `mode` says which was used. Image i
+    (prompt-major) uses seed + i, or seeds[i] when `seeds` (one per image) is given.
     `on_step(done, total)` is called after each denoising step (the UI's progress bar)."""
     import torch
     from sdlora.extra_networks import parse_prompt, resolve
@@ -81,20 +85,28 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
         raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
     if not prompts:
         raise ValueError("no prompt given")
+    own = [list(refs) for refs in prompt_loras] if prompt_loras is not None else [[] for _ in prompts]
+    if len(own) != len(prompts) or any(r.path is None for refs in own for r in refs):
+        raise ValueError("prompt_loras: one list of LoraRefs with paths per prompt")
+    if seeds is not None and len(seeds) != len(prompts) * batch:
+        raise ValueError(f"seeds: one per image ({len(prompts) * batch}), got {len(seeds)}")
     sampler = sampler_name(sampler)
     parsed = [parse_prompt(p) for p in prompts]
-    per_prompt = [resolve(tags, lora_dir) + list(loras) for _, tags in parsed]
+    per_prompt = [resolve(tags, lora_dir) + list(loras) + mine for (_, tags), mine in zip(parsed, own)]
     texts = [text for text, _ in parsed for _ in range(batch)]
     image_loras = [refs for refs in per_prompt for _ in range(batch)]
-    shown = [" ".join([p] + [r.tag for r in loras]).strip() for p in prompts for _ in range(batch)]
-    mixes = [[MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in refs]
+    shown = [" ".join([p] + [r.tag for r in list(loras) + mine]).strip() for p, mine in zip(prompts, own)
+             for _ in range(batch)]
+    mixes = [[MixEntry.of(r) for r in refs]
              for refs in image_loras]
     pipe = base.pipe
     side = native_size(pipe)
     width, height = width or side, height or side
-    if seed is None or seed < 0:
-        seed = random.randrange(2**32 - 1)
-    seeds = [seed + i for i in range(len(texts))]
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+    else:
+        seed = random_seed() if seed is None or seed < 0 else seed
+        seeds = [seed + i for i in range(len(texts))]
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
     step_kw = {}
@@ -121,6 +133,25 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
                   "Model hash": base.hash, "Model": base.name, "Lora hashes": value, "Version": f"sdlora {__version__}"}
         out.append(Generated(image, s, build(text, negative, params), how))
     return out
+
+
+def random_seed() -> int:
+    """What seed -1 becomes (A1111's range)."""
+    return random.randrange(2**32 - 1)
+
+
+def generate_batches(base, prompt: str, *, count: int = 1, batch: int = 1, seed: int = -1,
+                     on_step: Callable[[int, int, int], None] | None = None, **kwargs) -> Iterator[list[Generated]]:
+    """A1111's "batch count": `count` runs of `batch` images of `prompt`, seeds running on across them
+    (seed, seed+1, ...; seed -1 picks one random start). Yields each run's results as it finishes (so
+    the caller can save them before the next); `on_step(n, done, total)` after each step of run n.
+    The other options are generate_prompts'."""
+    if count < 1:
+        raise ValueError(f"count must be at least 1 (got {count})")
+    seed = random_seed() if seed is None or seed < 0 else int(seed)
+    for n in range(count):
+        step = None if on_step is None else (lambda done, total, n=n: on_step(n, done, total))
+        yield generate_prompts(base, [prompt], seed=seed + n * batch, batch=batch, on_step=step, **kwargs)
 
 
 def save_png(result: Generated, out_dir) -> Path:

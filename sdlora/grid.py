@@ -3,7 +3,8 @@
     values = parse_values("0, 0.5, 1")            # also "0:1:5" = 5 values from 0 to 1
     grid = xy_grid(rows, x_title="neon", x_values=[0, 0.5, 1], y_title="toon", y_values=[0, 1])
 
-`rows[j][i]` is the image for (x_values[i], y_values[j]). Small images (the tiny model's 64 px)
+`rows[j][i]` is the image for (x_values[i], y_values[j]); `labelled_grid` takes text labels
+instead (wrapped to the cell width: the "compare LoRA mixes" row). Small images (the tiny model's 64 px)
 are scaled up with nearest-neighbour so the labels stay readable.
 """
 from __future__ import annotations
@@ -40,31 +41,50 @@ def parse_values(text: str, what: str = "values") -> list[float]:
 
 
 def xy_grid(rows, *, x_title: str, x_values, y_title: str, y_values, min_cell: int = 128):
-    """One PIL image: the cells in a grid with a header row and a label column."""
+    """One PIL image: the cells in a grid with a header row and a label column (numbers as labels)."""
+    return labelled_grid(rows, x_title=x_title, x_labels=[f"{v:g}" for v in x_values], y_title=y_title,
+                         y_labels=[f"{v:g}" for v in y_values], min_cell=min_cell)
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """`text` in lines of at most `width` pixels, broken at spaces (a longer word keeps its line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def labelled_grid(rows, *, x_title: str, x_labels, y_title: str = "", y_labels=("",), min_cell: int = 128):
+    """One PIL image: `rows[j][i]` under column label x_labels[i] (wrapped to the cell width) and
+    beside row label `y_title: y_labels[j]` (just the label when y_title is empty)."""
     from PIL import Image, ImageDraw, ImageFont
-    if len(rows) != len(y_values) or any(len(r) != len(x_values) for r in rows):
-        raise SdloraError(f"xy_grid: expected {len(y_values)} rows of {len(x_values)} images")
+    x_labels, y_labels = [str(t) for t in x_labels], [str(t) for t in y_labels]
+    if len(rows) != len(y_labels) or any(len(r) != len(x_labels) for r in rows):
+        raise SdloraError(f"grid: expected {len(y_labels)} rows of {len(x_labels)} images")
     w, h = rows[0][0].size
     scale = max(1, math.ceil(min_cell / max(w, h)))
     cw, ch = w * scale, h * scale
     font = ImageFont.load_default(size=max(12, min(cw, ch) // 10))
     pad = 6
     line = font.getbbox("Ag")[3] + pad
-    top = 2 * line + pad
-    x_labels = [f"{v:g}" for v in x_values]
-    y_labels = [f"{v:g}" for v in y_values]
-    left = max(font.getlength(f"{y_title}: {t}") for t in y_labels) + 2 * pad
-    left = int(max(left, font.getlength(y_title) + 2 * pad))
-    grid = Image.new("RGB", (left + cw * len(x_values), top + ch * len(y_values)), "white")
+    wrapped = [_wrap(t, font, cw - pad) for t in x_labels]
+    top = (1 + max(len(t) for t in wrapped)) * line + pad
+    shown = [f"{y_title}: {t}" if y_title else t for t in y_labels]
+    left = int(max([font.getlength(t) for t in shown] + [font.getlength(y_title)]) + 2 * pad)
+    grid = Image.new("RGB", (left + cw * len(x_labels), top + ch * len(y_labels)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((left + cw * len(x_values) / 2, pad), x_title, fill="black", font=font, anchor="ma")
-    for i, t in enumerate(x_labels):
-        draw.text((left + cw * i + cw / 2, pad + line), t, fill="black", font=font, anchor="ma")
-    for j, (t, row) in enumerate(zip(y_labels, rows)):
-        draw.text((pad, top + ch * j + ch / 2), f"{y_title}: {t}", fill="black", font=font, anchor="lm")
+    draw.text((left + cw * len(x_labels) / 2, pad), x_title, fill="black", font=font, anchor="ma")
+    for i, lines in enumerate(wrapped):
+        for k, t in enumerate(lines):
+            draw.text((left + cw * i + cw / 2, pad + line * (k + 1)), t, fill="black", font=font, anchor="ma")
+    for j, (t, row) in enumerate(zip(shown, rows)):
+        draw.text((pad, top + ch * j + ch / 2), t, fill="black", font=font, anchor="lm")
         for i, im in enumerate(row):
             cell = im.convert("RGB")
             if cell.size != (w, h):
-                raise SdloraError("xy_grid: all images must have the same size")
+                raise SdloraError("grid: all images must have the same size")
             grid.paste(cell.resize((cw, ch), Image.NEAREST) if scale > 1 else cell, (left + cw * i, top + ch * j))
     return grid

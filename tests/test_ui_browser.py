@@ -206,6 +206,24 @@ def test_generate_with_a_lora_and_reuse_parameters(page, app):
     shot(page, "generate-reuse")
 
 
+def test_compare_mixes_grid(page, app):
+    """Generate tab, "Compare LoRA mixes": one routed batch, the labelled grid then each cell."""
+    ctx, _ = app
+    page.fill("#gen-prompt textarea", "a red circle")
+    set_number(page, "#gen-steps", 3)
+    fill(page, "#gen-seed", "9")
+    page.click("#gen-compare-box")
+    fill(page, "#gen-compare-mixes", "<lora:style:1>\n\n<lora:style2:-0.5>")
+    page.click("#gen-compare")
+    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('compared 3 mixes')")
+    assert "seed used: 9" in status(page, "#gen-status")
+    assert page.input_value("#gen-infotext textarea").startswith("Compare 3 LoRA mixes, seed 9")
+    images_loaded(page, "#gen-gallery", 4)
+    cells = sorted((ctx.outputs_dir / "compare").rglob("*-9.png"))
+    assert len(cells) == 4 and read_png(cells[0]).prompt == "a red circle <lora:style:1>"
+    shot(page, "generate-compare")
+
+
 def test_library_cards_and_wrong_family(page, app):
     tab(page, "Library")
     page.wait_for_selector('[data-lora="xl_style"]')

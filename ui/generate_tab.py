@@ -1,14 +1,16 @@
 """The Generate tab: prompt (A1111 `<lora:...>` tags), LoRA picker with per-LoRA weights, sampler
 settings, a gallery with infotexts, "reuse parameters", PNGs saved with A1111 infotext.
 
-`run_generation` is the whole action without Gradio: it calls `sdlora.generate.generate` and
-`save_png` (what `sdlora generate` calls) under the device lock. The Mix tab uses it too.
+`run_generation` is the whole action without Gradio: it calls `sdlora.generate.generate_batches`
+and `save_png` (what `sdlora generate` calls) under the device lock. The Mix tab uses it too.
+`compare_mixes` (the "compare LoRA mixes" box) and the Mix tab's XY grid run one routed batch of
+per-image mixes through `run_grid` (-> `sdlora.xy`).
 """
 from __future__ import annotations
 
 import datetime
-import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +18,13 @@ import gradio as gr
 
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.extra_networks import LoraRef, parse_prompt
-from sdlora.generate import DEFAULT_CFG, DEFAULT_STEPS, generate, native_size, save_png
+from sdlora.generate import DEFAULT_CFG, DEFAULT_STEPS, Generated, generate_batches, native_size, save_png
 from sdlora.infotext import parse as parse_infotext
 from sdlora.infotext import read_png
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
 from sdlora.ui.common import GradioProgress, error_html, status_html
 from sdlora.ui.paths import check_image
+from sdlora.xy import compare_grid, parse_mixes
 
 MAX_SLOTS = 6           # LoRAs chosen in the picker (any number more can go in the prompt as tags)
 MAX_BATCH, MAX_COUNT = 8, 16
@@ -34,6 +37,8 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
     images: list = field(default_factory=list)       # PIL images, in order
     seconds: float = 0.0
+    grid: object = None                              # run_grid: the sdlora.xy.MixGrid
+    grid_path: Path | None = None                    # run_grid: its labelled PNG
 
 
 def picked_refs(ctx, picked) -> list[LoraRef]:
@@ -55,41 +60,90 @@ def output_folder(ctx, kind: str = "txt2img") -> Path:
     return ctx.outputs_dir / kind / datetime.date.today().isoformat()
 
 
+def gen_options(ctx, *, negative: str = "", sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                cfg: float = DEFAULT_CFG, width: int | None = None, height: int | None = None) -> dict:
+    """The generate_prompts options every UI generation passes (LoRA tags looked up in the LoRA folder)."""
+    return dict(negative=negative or "", sampler=sampler, steps=int(steps), cfg=float(cfg),
+                width=int(width) if width else None, height=int(height) if height else None,
+                lora_dir=ctx.loras_dir, progress=False)
+
+
+@contextmanager
+def on_device(ctx, who: str, progress):
+    """Hold the device lock (FIFO between sessions), saying so in the progress bar while queued."""
+    progress(0.0, "waiting for the device")
+    with ctx.device_lock.hold(who, on_wait=lambda holder: progress(0.0, f"queued: the device is busy ({holder})")):
+        yield ctx.base
+
+
+def _keep(out: GenerationResult, results, folder: Path) -> None:
+    for r in results:
+        out.paths.append(save_png(r, folder))
+        out.infotexts.append(r.infotext)
+        out.seeds.append(r.seed)
+        out.images.append(r.image)
+
+
 def run_generation(ctx, prompt: str, *, negative: str = "", loras=(), sampler: str = DEFAULT_SAMPLER,
                    steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1, width: int | None = None,
                    height: int | None = None, batch_size: int = 1, batch_count: int = 1,
                    progress=None, save_to: Path | None = None, who: str = "generation") -> GenerationResult:
     """Generate `batch_count` batches of `batch_size` images (seeds seed, seed+1, ... across all of
-    them, as A1111), save each as a PNG with its infotext; returns paths, infotexts and seeds."""
+    them, as A1111: sdlora.generate.generate_batches), save each as a PNG with its infotext; returns
+    paths, infotexts and seeds."""
     progress = progress or GradioProgress()
-    steps, batch_size, batch_count = int(steps), int(batch_size), int(batch_count)
+    batch_size, batch_count = int(batch_size), int(batch_count)
     if not 1 <= batch_size <= MAX_BATCH or not 1 <= batch_count <= MAX_COUNT:
         raise SdloraError(f"batch size must be 1-{MAX_BATCH} and batch count 1-{MAX_COUNT}")
     parse_prompt(prompt)                         # a malformed tag fails before waiting for the device
-    seed = int(seed) if seed is not None else -1
-    if seed < 0:
-        seed = random.randrange(2**32 - 1)
-    out = GenerationResult()
-    folder = save_to or output_folder(ctx)
-    progress(0.0, "waiting for the device")
-    with ctx.device_lock.hold(who, on_wait=lambda holder: progress(0.0, f"queued: the device is busy ({holder})")):
+    opts = gen_options(ctx, negative=negative, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
+    out, folder = GenerationResult(), save_to or output_folder(ctx)
+
+    def on_step(n, done, total):
+        progress((n + done / total) / batch_count, f"batch {n + 1}/{batch_count}: step {done}/{total}")
+
+    with on_device(ctx, who, progress) as base:
         t0 = time.time()
-        base = ctx.base
-        for n in range(batch_count):
-            def on_step(done, total, n=n):
-                progress((n + done / total) / batch_count, f"batch {n + 1}/{batch_count}: step {done}/{total}")
-            results = generate(base, prompt, negative=negative, loras=list(loras), seed=seed + n * batch_size,
-                               steps=steps, cfg=float(cfg), sampler=sampler, width=int(width) if width else None,
-                               height=int(height) if height else None, batch=batch_size, lora_dir=ctx.loras_dir,
-                               progress=False, on_step=on_step)
-            for r in results:
-                out.paths.append(save_png(r, folder))
-                out.infotexts.append(r.infotext)
-                out.seeds.append(r.seed)
-                out.images.append(r.image)
+        for results in generate_batches(base, prompt, count=batch_count, batch=batch_size,
+                                        seed=int(seed) if seed is not None else -1, loras=list(loras),
+                                        on_step=on_step, **opts):
+            _keep(out, results, folder)
         out.seconds = time.time() - t0
     progress(1.0, "done")
     return out
+
+
+def run_grid(ctx, make, *, progress=None, save_to: Path | None = None, who: str = "grid") -> GenerationResult:
+    """`make(base, on_step)` -> an sdlora.xy.MixGrid, run under the device lock; every cell is saved
+    with its infotext, then the labelled grid (its text: the grid's description)."""
+    progress = progress or GradioProgress()
+    out, folder = GenerationResult(), save_to or output_folder(ctx)
+
+    def on_step(done, total):
+        progress(done / total, f"{who}: step {done}/{total}")
+
+    with on_device(ctx, who, progress) as base:
+        t0 = time.time()
+        out.grid = make(base, on_step)
+        out.seconds = time.time() - t0
+    _keep(out, out.grid.cells, folder)
+    out.grid_path = save_png(Generated(out.grid.image, out.grid.cells[0].seed, out.grid.info), folder)
+    progress(1.0, "done")
+    return out
+
+
+def compare_mixes(ctx, prompt: str, mixes_text: str, *, loras=(), seed: int = -1, progress=None,
+                  save_to: Path | None = None, **options) -> GenerationResult:
+    """The "compare" grid: `prompt` with each mix of `mixes_text` (one per line, `<lora:a:0.8>
+    <lora:b:-0.5>`; an empty line: no LoRA) on top of `loras` and the prompt's tags, same seed, one
+    routed batch (sdlora.xy.compare_grid). `options`: gen_options'."""
+    parse_prompt(prompt)
+    labels, mixes = parse_mixes(mixes_text, ctx.loras_dir)
+    opts = gen_options(ctx, **options)
+    seed = int(seed) if seed is not None else -1
+    return run_grid(ctx, lambda base, step: compare_grid(base, prompt, mixes, labels, loras=list(loras), seed=seed,
+                                                         on_step=step, **opts),
+                    progress=progress, save_to=save_to or output_folder(ctx, "compare"), who="compare grid")
 
 
 def reuse_settings(text: str) -> dict:
@@ -148,93 +202,132 @@ def slot_updates(picked, prev_names, unet_values, te_values):
     return [*rows, *unets, *tes, picked]
 
 
-def build(ctx):
-    """The tab's components (returned, so the app can wire other tabs to them) and events."""
+def _settings(side: int) -> dict:
+    """The sampler / size / batch / seed rows."""
+    c = {}
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-sampler")
+        c["steps"] = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="gen-steps")
+        c["cfg"] = gr.Slider(1, 30, value=DEFAULT_CFG, step=0.5, label="CFG scale", elem_id="gen-cfg")
+    with gr.Row():
+        c["width"] = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
+        c["height"] = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
+    with gr.Row():
+        c["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="gen-batch-size")
+        c["batch_count"] = gr.Slider(1, MAX_COUNT, value=1, step=1, label="Batch count", elem_id="gen-batch-count")
+    with gr.Row():
+        c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed", scale=3)
+        c["random_seed"] = gr.Button("random", size="sm", scale=1, elem_id="gen-seed-random")
+        c["last_seed"] = gr.Button("last seed", size="sm", scale=1, elem_id="gen-seed-last")
+    return c
+
+
+def _layout(ctx) -> dict:
+    """The tab's components by name (unet_sliders, te_sliders, slot_rows: one per picker slot)."""
     base = ctx.base
-    side = native_size(base.pipe)
-    names = ctx.catalog.names(ctx.family)
+    c = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
-                                placeholder="a red circle on a blue background <lora:NAME:0.8>  "
-                                            "(<lora:NAME:TE:UNET> sets the text-encoder weight first, as in A1111)")
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
+            c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
+                                     placeholder="a red circle on a blue background <lora:NAME:0.8>  "
+                                                 "(<lora:NAME:TE:UNET> sets the text-encoder weight first, as in A1111)")
+            c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
         with gr.Column(scale=1, min_width=220):
-            go = gr.Button("Generate", variant="primary", elem_id="gen-go", size="lg")
-            status = gr.HTML(elem_id="gen-status", js_on_load=None)
+            c["go"] = gr.Button("Generate", variant="primary", elem_id="gen-go", size="lg")
+            c["status"] = gr.HTML(elem_id="gen-status", js_on_load=None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            picker = gr.Dropdown(choices=names, value=[], multiselect=True, max_choices=MAX_SLOTS,
-                                 label=f"LoRAs (from {ctx.loras_dir}; only those that fit {base.name})",
-                                 elem_id="gen-loras")
-            rows, unet_sliders, te_sliders = [], [], []
+            c["picker"] = gr.Dropdown(choices=ctx.catalog.names(ctx.family), value=[], multiselect=True,
+                                      max_choices=MAX_SLOTS, elem_id="gen-loras",
+                                      label=f"LoRAs (from {ctx.loras_dir}; only those that fit {base.name})")
+            c["slot_rows"], c["unet_sliders"], c["te_sliders"] = [], [], []
             for i in range(MAX_SLOTS):
                 with gr.Row(visible=False, elem_id=f"gen-slot-{i}") as row:
-                    unet_sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight (UNet)",
-                                                  elem_id=f"gen-slot-{i}-unet", scale=2))
-                    te_sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="text-encoder weight",
-                                                elem_id=f"gen-slot-{i}-te", scale=2))
-                rows.append(row)
-            with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-sampler")
-                steps = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="gen-steps")
-                cfg = gr.Slider(1, 30, value=DEFAULT_CFG, step=0.5, label="CFG scale", elem_id="gen-cfg")
-            with gr.Row():
-                width = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
-                height = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
-            with gr.Row():
-                batch_size = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size", elem_id="gen-batch-size")
-                batch_count = gr.Slider(1, MAX_COUNT, value=1, step=1, label="Batch count", elem_id="gen-batch-count")
-            with gr.Row():
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id="gen-seed", scale=3)
-                random_seed = gr.Button("random", size="sm", scale=1, elem_id="gen-seed-random")
-                last_seed = gr.Button("last seed", size="sm", scale=1, elem_id="gen-seed-last")
+                    c["unet_sliders"].append(gr.Slider(-2, 2, value=1.0, step=0.05, label="weight (UNet)",
+                                                       elem_id=f"gen-slot-{i}-unet", scale=2))
+                    c["te_sliders"].append(gr.Slider(-2, 2, value=1.0, step=0.05, label="text-encoder weight",
+                                                     elem_id=f"gen-slot-{i}-te", scale=2))
+                c["slot_rows"].append(row)
+            c.update(_settings(native_size(base.pipe)))
+            with gr.Accordion("Compare LoRA mixes (same prompt and seed, one image per mix)", open=False,
+                              elem_id="gen-compare-box"):
+                c["compare_text"] = gr.Textbox(label="Mixes, one per line (an empty line: no LoRA)", lines=4,
+                                               elem_id="gen-compare-mixes",
+                                               placeholder="<lora:a:0.8> <lora:b:-0.5>\n\n<lora:a:1>")
+                c["compare"] = gr.Button("Compare", elem_id="gen-compare")
             with gr.Accordion("Reuse parameters (paste an infotext or drop a PNG)", open=False, elem_id="gen-reuse-box"):
-                paste = gr.Textbox(label="Infotext", lines=4, elem_id="gen-paste",
-                                   placeholder="a red circle <lora:neon:0.8>\nNegative prompt: ...\nSteps: 20, Sampler: ...")
-                png = gr.File(label="PNG with parameters", file_types=[".png"], type="filepath", elem_id="gen-png")
-                reuse = gr.Button("Reuse parameters", elem_id="gen-reuse")
+                c["paste"] = gr.Textbox(label="Infotext", lines=4, elem_id="gen-paste",
+                                        placeholder="a red circle <lora:neon:0.8>\nNegative prompt: ...\nSteps: 20, Sampler: ...")
+                c["png"] = gr.File(label="PNG with parameters", file_types=[".png"], type="filepath", elem_id="gen-png")
+                c["reuse"] = gr.Button("Reuse parameters", elem_id="gen-reuse")
         with gr.Column(scale=2, min_width=320):
-            gallery = gr.Gallery(label="Results", columns=3, height=420, object_fit="contain", elem_id="gen-gallery",
-                                 format="png", interactive=False)
-            infotext = gr.Textbox(label="Infotext of the selected image", lines=5, elem_id="gen-infotext",
-                                  buttons=["copy"])
-            reuse_shown = gr.Button("Reuse this image's parameters", size="sm", elem_id="gen-reuse-shown")
+            c["gallery"] = gr.Gallery(label="Results", columns=3, height=420, object_fit="contain",
+                                      elem_id="gen-gallery", format="png", interactive=False)
+            c["infotext"] = gr.Textbox(label="Infotext of the selected image", lines=5, elem_id="gen-infotext",
+                                       buttons=["copy"])
+            c["reuse_shown"] = gr.Button("Reuse this image's parameters", size="sm", elem_id="gen-reuse-shown")
+    return c
 
-    picked_names = gr.State([])        # per browser tab
-    infotexts = gr.State([])
-    used_seed = gr.State(None)
 
-    picker.change(lambda p, prev, *v: slot_updates(p, prev, v[:MAX_SLOTS], v[MAX_SLOTS:]),
-                  [picker, picked_names, *unet_sliders, *te_sliders],
-                  [*rows, *unet_sliders, *te_sliders, picked_names], show_progress="hidden")
+OPTION_FIELDS = ("negative", "sampler", "steps", "cfg", "width", "height")   # gen_options' keywords
 
-    def on_generate(prompt_, negative_, picked, *rest, progress=gr.Progress()):
-        n = MAX_SLOTS
-        unets, tes = rest[:n], rest[n:2 * n]
-        sampler_, steps_, cfg_, seed_, w, h, bs, bc = rest[2 * n:]
+
+def _picked(ctx, c, v) -> list[LoraRef]:
+    """The picker's LoRAs with their sliders' weights, from the event's values `v` (by component)."""
+    names = (v[c["picker"]] or [])[:MAX_SLOTS]
+    return picked_refs(ctx, [(name, v[c["unet_sliders"][i]], v[c["te_sliders"][i]]) for i, name in enumerate(names)])
+
+
+def _shown(res: GenerationResult, what: str) -> list:
+    """Outputs of a finished generation: gallery items, first infotext, status, infotexts, seed used."""
+    paths, texts, seeds = list(res.paths), list(res.infotexts), list(res.seeds)
+    items = [(str(p), f"seed {s}") for p, s in zip(paths, seeds)]
+    if res.grid_path is not None:                 # the labelled grid first, then its cells
+        items.insert(0, (str(res.grid_path), "grid"))
+        texts.insert(0, res.grid.info)
+    note = (f"{what + ': ' if what else ''}{len(paths)} image(s) in {res.seconds:.1f} s · seed used: {seeds[0]}"
+            f"{f'..{seeds[-1]}' if len(set(seeds)) > 1 else ''} · saved in {paths[0].parent}")
+    return [items, texts[0], status_html(note, "ok"), texts, seeds[0]]
+
+
+def _wire_generate(ctx, c, infotexts, used_seed) -> None:
+    """Generate and Compare: inputs by component (a dict of values), same outputs."""
+    fields = ["prompt", *OPTION_FIELDS, "seed", "picker"]
+    common = {c[k] for k in fields} | set(c["unet_sliders"]) | set(c["te_sliders"])
+    outputs = [c["gallery"], c["infotext"], c["status"], infotexts, used_seed]
+
+    def on_generate(v, progress=gr.Progress()):
         try:
-            refs = picked_refs(ctx, [(name, unets[i], tes[i]) for i, name in enumerate((picked or [])[:n])])
-            res = run_generation(ctx, prompt_, negative=negative_, loras=refs, sampler=sampler_, steps=steps_,
-                                 cfg=cfg_, seed=seed_, width=w, height=h, batch_size=bs, batch_count=bc,
-                                 progress=GradioProgress(progress))
+            res = run_generation(ctx, v[c["prompt"]], loras=_picked(ctx, c, v), seed=v[c["seed"]],
+                                 batch_size=v[c["batch_size"]], batch_count=v[c["batch_count"]],
+                                 progress=GradioProgress(progress), **{k: v[c[k]] for k in OPTION_FIELDS})
         except Exception as e:  # noqa: BLE001 - every failure is shown in the page
-            return gr.skip(), gr.skip(), error_html(e, "Generation"), gr.skip(), gr.skip()
-        items = [(str(p), f"seed {s}") for p, s in zip(res.paths, res.seeds)]
-        note = (f"{len(res.paths)} image(s) in {res.seconds:.1f} s · seed used: {res.seeds[0]}"
-                f"{f'..{res.seeds[-1]}' if len(res.seeds) > 1 else ''} · saved in {res.paths[0].parent}")
-        return items, res.infotexts[0], status_html(note, "ok"), res.infotexts, res.seeds[0]
+            return [gr.skip(), gr.skip(), error_html(e, "Generation"), gr.skip(), gr.skip()]
+        return _shown(res, "")
 
-    go.click(on_generate, [prompt, negative, picker, *unet_sliders, *te_sliders, sampler, steps, cfg, seed,
-                           width, height, batch_size, batch_count],
-             [gallery, infotext, status, infotexts, used_seed], concurrency_limit=None, show_progress_on=[gallery])
+    def on_compare(v, progress=gr.Progress()):
+        try:
+            res = compare_mixes(ctx, v[c["prompt"]], v[c["compare_text"]], loras=_picked(ctx, c, v),
+                                seed=v[c["seed"]], progress=GradioProgress(progress),
+                                **{k: v[c[k]] for k in OPTION_FIELDS})
+        except Exception as e:  # noqa: BLE001
+            return [gr.skip(), gr.skip(), error_html(e, "Compare"), gr.skip(), gr.skip()]
+        return _shown(res, f"compared {len(res.paths)} mixes")
 
+    c["go"].click(on_generate, common | {c["batch_size"], c["batch_count"]}, outputs, concurrency_limit=None,
+                  show_progress_on=[c["gallery"]])
+    c["compare"].click(on_compare, common | {c["compare_text"]}, outputs, concurrency_limit=None,
+                       show_progress_on=[c["gallery"]])
+
+
+def _wire_reuse(c, infotexts, used_seed) -> None:
+    """Gallery selection, seed buttons, PNG upload and "reuse parameters"."""
     def on_select(texts, evt: gr.SelectData):
         return texts[evt.index] if texts and evt.index is not None and evt.index < len(texts) else gr.skip()
 
-    gallery.select(on_select, [infotexts], [infotext], show_progress="hidden")
-    random_seed.click(lambda: -1, None, seed, show_progress="hidden")
-    last_seed.click(lambda s: s if s is not None else gr.skip(), used_seed, seed, show_progress="hidden")
+    c["gallery"].select(on_select, [infotexts], [c["infotext"]], show_progress="hidden")
+    c["random_seed"].click(lambda: -1, None, c["seed"], show_progress="hidden")
+    c["last_seed"].click(lambda s: s if s is not None else gr.skip(), used_seed, c["seed"], show_progress="hidden")
 
     def on_png(path):
         if not path:
@@ -244,11 +337,22 @@ def build(ctx):
         except Exception as e:  # noqa: BLE001
             return gr.skip(), error_html(e, "Reading the PNG")
 
-    png.upload(on_png, png, [paste, status], show_progress="hidden")
+    c["png"].upload(on_png, c["png"], [c["paste"], c["status"]], show_progress="hidden")
+    settings_out = [c[k] for k in REUSE_FIELDS] + [c["picker"], c["status"]]
+    c["reuse"].click(reuse_updates, c["paste"], settings_out, show_progress="hidden")
+    c["reuse_shown"].click(reuse_updates, c["infotext"], settings_out, show_progress="hidden")
 
-    settings_out = [prompt, negative, sampler, steps, cfg, seed, width, height, picker, status]
-    reuse.click(reuse_updates, paste, settings_out, show_progress="hidden")
-    reuse_shown.click(reuse_updates, infotext, settings_out, show_progress="hidden")
-    return dict(prompt=prompt, negative=negative, picker=picker, status=status, gallery=gallery,
-                infotext=infotext, seed=seed, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
 
+def build(ctx):
+    """The tab's components (returned, so the app can wire other tabs to them) and events."""
+    c = _layout(ctx)
+    picked_names = gr.State([])        # per browser tab
+    infotexts = gr.State([])
+    used_seed = gr.State(None)
+    c["picker"].change(lambda p, prev, *v: slot_updates(p, prev, v[:MAX_SLOTS], v[MAX_SLOTS:]),
+                       [c["picker"], picked_names, *c["unet_sliders"], *c["te_sliders"]],
+                       [*c["slot_rows"], *c["unet_sliders"], *c["te_sliders"], picked_names], show_progress="hidden")
+    _wire_generate(ctx, c, infotexts, used_seed)
+    _wire_reuse(c, infotexts, used_seed)
+    return {k: c[k] for k in ("prompt", "negative", "picker", "status", "gallery", "infotext", "seed", "sampler",
+                              "steps", "cfg", "width", "height")}

@@ -1,25 +1,27 @@
 """The Mix tab: several LoRAs with weights (negative too) and block-weight presets, a fixed-seed
 preview, an XY grid over two LoRAs' weights, and "save mix as one LoRA" (exact or reduced rank).
 
-Preview and grid go through `run_generation` (-> `sdlora.generate.generate`, block weights as A1111
-`lbw=` tags); saving calls `sdlora.merge.mix_loras` / `save_mix`, the functions of `sdlora mix`.
+The preview goes through `run_generation` (-> `sdlora.generate`, block weights as A1111 `lbw=`
+tags), the XY grid through `run_grid` (-> `sdlora.xy.weight_grid`: all cells as routed batches,
+one seed for all); saving calls `sdlora.merge.mix_loras` / `save_mix`, the functions of `sdlora mix`.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import gradio as gr
 
 from sdlora.blocks import PRESETS
 from sdlora.errors import SdloraError
-from sdlora.generate import native_size, save_png
-from sdlora.grid import parse_values, xy_grid
+from sdlora.extra_networks import parse_prompt
+from sdlora.generate import native_size
+from sdlora.grid import parse_values
 from sdlora.merge import mix_loras, save_mix
 from sdlora.mixing import MixEntry
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
 from sdlora.ui.common import GradioProgress, error_html, status_html
-from sdlora.ui.generate_tab import output_folder, picked_refs, run_generation
+from sdlora.ui.generate_tab import gen_options, output_folder, picked_refs, run_generation, run_grid
+from sdlora.xy import weight_grid
 from sdlora.ui.paths import safe_name
 
 MIX_SLOTS = 4
@@ -47,10 +49,11 @@ def preview(ctx, rows, prompt, *, negative="", seed=1, steps=20, cfg=7.0, sample
 
 
 def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, prompt, *, negative="", seed=1,
-            steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None, height=None, progress=None):
-    """A grid of images: LoRA `x_slot`'s weight along X, `y_slot`'s along Y, everything else fixed.
+            steps=20, cfg=7.0, sampler=DEFAULT_SAMPLER, width=None, height=None, progress=None, chunk=None):
+    """A grid of images: LoRA `x_slot`'s weight along X, `y_slot`'s along Y, everything else fixed,
+    every cell with the same seed; all cells in routed batches of at most `chunk` images (default:
+    sdlora.xy.chunk_size) by sdlora.xy.weight_grid. Each cell and the grid are saved.
     Returns (grid PNG path, number of cells, its description)."""
-    progress = progress or GradioProgress()
     xs, ys = parse_values(x_text, "X values"), parse_values(y_text, "Y values")
     names = [r[0] for r in rows]
     for slot in (x_slot, y_slot):
@@ -59,29 +62,18 @@ def xy_plot(ctx, rows, x_slot: int, x_text: str, y_slot: int, y_text: str, promp
     if x_slot == y_slot:
         raise SdloraError("X and Y are the same LoRA; pick two different rows")
     refs = mix_refs(ctx, rows)
+    parse_prompt(prompt)
     filled = [i for i, r in enumerate(rows) if r[0]]             # rows index -> refs index
     ix, iy = filled.index(x_slot), filled.index(y_slot)
-    grid_rows, n, total = [], 0, len(xs) * len(ys)
-    folder = output_folder(ctx, "xy")
-    for y in ys:
-        row = []
-        for x in xs:
-            cell = list(refs)
-            cell[ix] = dataclasses.replace(cell[ix], te=x, unet=x)
-            cell[iy] = dataclasses.replace(cell[iy], te=y, unet=y)
-            sub = (lambda f, d, n=n: progress((n + f) / total, f"cell {n + 1}/{total}: {d}"))
-            res = run_generation(ctx, prompt, negative=negative, loras=cell, seed=seed, steps=steps, cfg=cfg,
-                                 sampler=sampler, width=width, height=height, progress=sub, save_to=folder,
-                                 who="XY grid")
-            row.append(res.images[0])
-            n += 1
-        grid_rows.append(row)
-    grid = xy_grid(grid_rows, x_title=names[x_slot], x_values=xs, y_title=names[y_slot], y_values=ys)
-    from sdlora.generate import Generated
-    info = (f"XY grid: X = {names[x_slot]} weight {', '.join(f'{v:g}' for v in xs)}; "
-            f"Y = {names[y_slot]} weight {', '.join(f'{v:g}' for v in ys)}\n{prompt}")
-    path = save_png(Generated(grid, int(seed), info), folder)
-    return path, total, info
+    opts = gen_options(ctx, negative=negative, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
+    seed = int(seed) if seed is not None else -1
+
+    def make(base, on_step):
+        return weight_grid(base, prompt, refs, x=ix, xs=xs, y=iy, ys=ys, seed=seed, chunk=chunk, on_step=on_step,
+                           **opts)
+
+    res = run_grid(ctx, make, progress=progress, save_to=output_folder(ctx, "xy"), who="XY grid")
+    return res.grid_path, len(res.grid.cells), res.grid.info
 
 
 def save_mixed(ctx, rows, name: str, rank: int | None, overwrite: bool = False):
@@ -93,7 +85,7 @@ def save_mixed(ctx, rows, name: str, rank: int | None, overwrite: bool = False):
     out = ctx.lora_path(stem)
     if out.exists() and not overwrite:
         raise SdloraError(f"{out.name} already exists in {ctx.loras_dir}; choose another name or tick overwrite")
-    entries = [MixEntry(str(r.path), unet=r.unet, text_encoder=r.te, blocks=r.blocks) for r in refs]
+    entries = [MixEntry.of(r) for r in refs]
     configs = ctx.component_configs()
     mixed = mix_loras(entries, rank=int(rank) if rank else None, family=ctx.family, configs=configs)
     save_mix(out, mixed, entries, configs=configs)
@@ -160,52 +152,57 @@ def build(ctx):
                              format="png", height=480)
             infotext = gr.Textbox(label="Infotext", lines=4, elem_id="mix-infotext")
 
-    def rows_of(vals):
-        n = MIX_SLOTS
-        return list(zip(vals[:n], vals[n:2 * n], vals[2 * n:3 * n]))
+    c = dict(pickers=pickers, weights=weights, presets=presets, prompt=prompt, negative=negative, seed=seed,
+             steps=steps, cfg=cfg, sampler=sampler, x_slot=x_slot, x_values=x_values, y_slot=y_slot,
+             y_values=y_values, mix_name=mix_name, method=method, rank=rank, overwrite=overwrite, status=status,
+             image=image, infotext=infotext)
+    _wire(ctx, c, side, preview_btn=preview_btn, grid_btn=grid_btn, save_btn=save_btn)
+    return dict(pickers=pickers, status=status, image=image)
 
-    slot_inputs = [*pickers, *weights, *presets]
-    gen_inputs = [prompt, negative, seed, steps, cfg, sampler]
 
-    def gen_kwargs(vals):
-        p, neg, s, st, c, smp = vals
-        return dict(negative=neg, seed=int(s if s is not None else 1), steps=st, cfg=c, sampler=smp,
-                    width=side, height=side)
+def _wire(ctx, c, side: int, *, preview_btn, grid_btn, save_btn) -> None:
+    """Preview, XY grid and save: each handler gets its inputs as a dict of values by component."""
+    slots = set(c["pickers"]) | set(c["weights"]) | set(c["presets"])
+    gen = {c[k] for k in ("prompt", "negative", "seed", "steps", "cfg", "sampler")}
+    shown = [c["image"], c["infotext"], c["status"]]
 
-    def on_preview(*vals, progress=gr.Progress()):
+    def rows_of(v):
+        return list(zip(*([v[x] for x in c[col]] for col in ("pickers", "weights", "presets"))))
+
+    def gen_kwargs(v):
+        s = v[c["seed"]]
+        return dict(negative=v[c["negative"]], seed=int(s if s is not None else 1), steps=v[c["steps"]],
+                    cfg=v[c["cfg"]], sampler=v[c["sampler"]], width=side, height=side)
+
+    def on_preview(v, progress=gr.Progress()):
         try:
-            rows, g = rows_of(vals[:3 * MIX_SLOTS]), vals[3 * MIX_SLOTS:]
-            res = preview(ctx, rows, g[0], progress=GradioProgress(progress), **gen_kwargs(g))
+            res = preview(ctx, rows_of(v), v[c["prompt"]], progress=GradioProgress(progress), **gen_kwargs(v))
         except Exception as e:  # noqa: BLE001
             return gr.skip(), gr.skip(), error_html(e, "Preview")
         return str(res.paths[0]), res.infotexts[0], status_html(f"preview with seed {res.seeds[0]} "
                                                                  f"({res.seconds:.1f} s)", "ok")
 
-    preview_btn.click(on_preview, slot_inputs + gen_inputs, [image, infotext, status], concurrency_limit=None)
-
-    def on_grid(*vals, progress=gr.Progress()):
+    def on_grid(v, progress=gr.Progress()):
         try:
-            rows = rows_of(vals[:3 * MIX_SLOTS])
-            xs, xv, ys, yv, *g = vals[3 * MIX_SLOTS:]
-            path, n, info = xy_plot(ctx, rows, int(xs), xv, int(ys), yv, g[0], progress=GradioProgress(progress),
-                                    **gen_kwargs(g))
+            path, n, info = xy_plot(ctx, rows_of(v), int(v[c["x_slot"]]), v[c["x_values"]], int(v[c["y_slot"]]),
+                                    v[c["y_values"]], v[c["prompt"]], progress=GradioProgress(progress),
+                                    **gen_kwargs(v))
         except Exception as e:  # noqa: BLE001
             return gr.skip(), gr.skip(), error_html(e, "XY grid")
         return str(path), info, status_html(f"XY grid of {n} images: {path.name}", "ok")
 
-    grid_btn.click(on_grid, slot_inputs + [x_slot, x_values, y_slot, y_values] + gen_inputs, [image, infotext, status],
-                   concurrency_limit=None)
-
-    def on_save(*vals):
+    def on_save(v):
         try:
-            rows = rows_of(vals[:3 * MIX_SLOTS])
-            name, how, r, over = vals[3 * MIX_SLOTS:]
+            how, r = v[c["method"]], v[c["rank"]]
             if not how.startswith("exact") and not r:
                 raise SdloraError("reduced rank: enter the rank to keep (e.g. 16)")
-            path, mixed = save_mixed(ctx, rows, name, None if how.startswith("exact") else r, bool(over))
+            path, mixed = save_mixed(ctx, rows_of(v), v[c["mix_name"]], None if how.startswith("exact") else r,
+                                     bool(v[c["overwrite"]]))
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Saving the mix")
         return status_html(describe_mix(path, mixed), "ok")
 
-    save_btn.click(on_save, slot_inputs + [mix_name, method, rank, overwrite], [status])
-    return dict(pickers=pickers, status=status, image=image)
+    preview_btn.click(on_preview, slots | gen, shown, concurrency_limit=None)
+    grid_btn.click(on_grid, slots | gen | {c[k] for k in ("x_slot", "x_values", "y_slot", "y_values")}, shown,
+                   concurrency_limit=None)
+    save_btn.click(on_save, slots | {c[k] for k in ("mix_name", "method", "rank", "overwrite")}, [c["status"]])
