@@ -108,23 +108,32 @@ class Route:
     down: torch.Tensor | None = None   # [R_total, *kernel]
     up: torch.Tensor | None = None     # [out, R_total]
     table: torch.Tensor | None = None  # [n_groups, R_total]
+    _row_scales: dict = field(default_factory=dict)   # (id of a row-group map, dims) -> table rows, shaped
+
+    def _scales(self, gid: torch.Tensor, dims: int) -> torch.Tensor:
+        """The per-row strengths of the masked LoRAs, shaped to multiply op(x, down); kept per batch
+        layout (the Router keeps each layout's `gid`), so the hook indexes the table once, not per call."""
+        key = (id(gid), dims)
+        if key not in self._row_scales:
+            s = self.table[gid]
+            conv = isinstance(self.module, torch.nn.Conv2d)
+            self._row_scales[key] = (gid, s[:, :, None, None] if conv else s.view(s.shape[0], *[1] * (dims - 2), -1))
+        return self._row_scales[key][1]
 
     def low_rank(self, x, down, up, scale=None):
-        """op(x, down) (× per-row scales) · upᵀ: the LoRA update without ΔW."""
+        """op(x, down) (× per-row scales, already shaped) · upᵀ: the LoRA update without ΔW."""
         if isinstance(self.module, torch.nn.Conv2d):
             h = self.module._conv_forward(x, down, None)
-            if scale is not None:
-                h = h * scale[:, :, None, None]
-            return F.conv2d(h, up[:, :, None, None])
+            return F.conv2d(h if scale is None else h * scale, up[:, :, None, None])
         h = F.linear(x, down)
-        if scale is not None:
-            h = h * scale.view(scale.shape[0], *[1] * (h.dim() - 2), scale.shape[1])
-        return F.linear(h, up)
+        return F.linear(h if scale is None else h * scale, up)
 
     def apply(self, x: torch.Tensor, out: torch.Tensor, gid: torch.Tensor, index: dict) -> torch.Tensor:
         """out + each group's update on its rows (index: group -> its rows, None = all rows)."""
         if self.table is not None:
-            out = out + self.low_rank(x, self.down, self.up, self.table[gid])
+            d = self.low_rank(x, self.down, self.up, self._scales(gid, x.dim()))
+            # in place when nothing is recorded for backward (inference): saves an output-sized copy
+            out = out.add_(d) if not torch.is_grad_enabled() else out + d
         view = [1] * out.dim()
         view[_channel_axis(self.module)] = -1
         for g, part in self.groups.items():
@@ -281,7 +290,10 @@ class Router:
         route.down, route.up = torch.cat(downs), torch.cat(ups, dim=1)
         route.table = table.to(device=w.device, dtype=w.dtype)
         for g in lora_groups:
-            route.groups[g].down = route.groups[g].up = None
+            part = route.groups[g]
+            part.down = part.up = None
+            if part.dw is None and part.db is None:
+                del route.groups[g]          # all of it is in the masked op: nothing left per group
 
     # -- hooks -------------------------------------------------------------------------------
 
