@@ -8,8 +8,9 @@ folders in sample_data/styles/ (halftone, neon, toon) with the settings the base
 tiny-cpu-demo: 64 px, batch 8, rank 8, latents and embeddings cached) and `steps` steps each, no
 samples or previews. Sequential: three `train` calls one after the other, each loading the base as a
 solo run does. Parallel: one `train_many` with the three jobs on one base. Each measurement runs in
-its own subprocess (one thread: OMP_NUM_THREADS=1), so its peak RSS (`resource.getrusage`
-ru_maxrss, which includes the libraries) is its own. Wall time counts from before the first
+its own subprocess (`threads` torch threads, default 1), so its peak RSS is its own: VmHWM of
+/proc/self/status, the high-water mark of this process image (ru_maxrss is not: Linux carries it
+over from the parent across fork and exec, so a parent that held a real-size UNet shows in it). Wall time counts from before the first
 config is built to the last file written (model loading and caching included; the trainer modules
 are imported before the clock starts in both modes).
 """
@@ -44,13 +45,13 @@ else:
 wall = time.perf_counter() - t0
 cpu = time.process_time() - c0
 assert all(r.status == "done" for r in results), [r.status for r in results]
-print(json.dumps({"wall_s": wall, "cpu_s": cpu,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_mib": hwm / 1024}))
 """
 
 
-def _measure(mode: str, steps: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore",
+def _measure(mode: str, steps: int, threads: int = 1) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore",
                TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
     with tempfile.TemporaryDirectory(prefix="sdlora-multi-bench-") as tmp:
         proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(steps), tmp,
@@ -61,12 +62,12 @@ def _measure(mode: str, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_training(steps: int) -> dict:
+def bench_training(steps: int, threads: int = 1) -> dict:
     """{"sequential_s", "parallel_s", "seq_peak_mib", "par_peak_mib"} for 3 jobs x `steps` steps, plus
     "sequential_cpu_s"/"parallel_cpu_s" (process CPU time: on a shared machine wall time swings with
     the other jobs' load, CPU time much less)."""
-    seq = _measure("sequential", steps)
-    par = _measure("parallel", steps)
+    seq = _measure("sequential", steps, threads)
+    par = _measure("parallel", steps, threads)
     return {"sequential_s": round(seq["wall_s"], 2), "parallel_s": round(par["wall_s"], 2),
             "seq_peak_mib": round(seq["peak_mib"], 1), "par_peak_mib": round(par["peak_mib"], 1),
             "sequential_cpu_s": round(seq["cpu_s"], 2), "parallel_cpu_s": round(par["cpu_s"], 2)}
@@ -75,4 +76,6 @@ def bench_training(steps: int) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
-    print(json.dumps(bench_training(ap.parse_args().steps), indent=1))
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    print(json.dumps(bench_training(a.steps, a.threads), indent=1))
