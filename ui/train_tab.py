@@ -276,66 +276,75 @@ def field_component(spec: dict, value):
     return gr.Textbox(value, **kw)
 
 
+def _form(ctx, specs: list[dict], values0: dict, preset0: str) -> dict:
+    """The left column: name, preset, images, the options (main, then advanced) and the buttons."""
+    by_name = {s["name"]: s for s in specs}
+    c: dict = {"fields": {}}
+    with gr.Row():
+        c["name"] = gr.Textbox(label="LoRA name", placeholder="mystyle", elem_id="train-name", scale=2)
+        c["preset"] = gr.Dropdown(sorted({p.stem for p in presets().values()}), value=preset0, label="Preset",
+                                  elem_id="train-preset", scale=2)
+        c["overwrite"] = gr.Checkbox(False, label="overwrite an existing LoRA", elem_id="train-overwrite", scale=1)
+    c["source"] = gr.Radio(list(SOURCES), value="folder", label="Training images", elem_id="train-source")
+    c["folder"] = gr.Dropdown(ctx.data_roots.folders_with_images(), value=None, allow_custom_value=True,
+                              label=f"Folder (inside {ctx.data_roots.describe()})", elem_id="train-folder")
+    c["folders"] = gr.Dropdown(ctx.data_roots.folders_with_images(), value=[], multiselect=True,
+                               allow_custom_value=True, visible=False, elem_id="train-folders",
+                               label="Folders: one LoRA per folder, named after it, all trained in one run "
+                                     "on one base (the options below apply to each)")
+    c["uploads"] = gr.File(file_count="multiple", file_types=["image", ".txt", ".caption"], type="filepath",
+                           label="Upload images (+ .txt captions with the same names)", elem_id="train-upload",
+                           visible=False)
+    for row in (MAIN[:4], MAIN[4:8], MAIN[8:]):
+        with gr.Row():
+            for key in row:
+                c["fields"][key] = field_component(by_name[key], values0[key])
+    with gr.Accordion("Advanced (every option of `sdlora train`)", open=False, elem_id="train-advanced"):
+        for group in GROUPS:
+            group_specs = [s for s in specs if s["group"] == group and s["name"] not in MAIN]
+            if group_specs:
+                gr.Markdown(f"**{group}**")
+            for i in range(0, len(group_specs), 3):
+                with gr.Row():
+                    for s in group_specs[i:i + 3]:
+                        c["fields"][s["name"]] = field_component(s, values0[s["name"]])
+    with gr.Row():
+        c["start"] = gr.Button("Start training", variant="primary", elem_id="train-start")
+        c["stop"] = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="train-stop", interactive=False)
+        c["resume"] = gr.Button("Resume", elem_id="train-resume")
+    return c
+
+
+def _monitor() -> dict:
+    """The right column: status, progress bar, loss plot, samples, log."""
+    return dict(status=gr.HTML(elem_id="train-status", js_on_load=None),
+                progress=gr.HTML(progress_html(None), elem_id="train-progress", js_on_load=None),
+                plot=gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
+                                 color_map={LOSS: "#9ca3af", SMOOTHED: "#2563eb"}, color_title="",
+                                 elem_id="train-loss", height=260),
+                samples=gr.Gallery(label="Samples", columns=4, height=220, elem_id="train-samples", interactive=False),
+                log=gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log", autoscroll=True))
+
+
 def build(ctx, timer: gr.Timer):
     specs = form_specs()
-    by_name = {s["name"]: s for s in specs}
     preset0 = default_preset(ctx)
-    values0 = preset_values(preset0)
-    comps: dict[str, gr.components.Component] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            with gr.Row():
-                name = gr.Textbox(label="LoRA name", placeholder="mystyle", elem_id="train-name", scale=2)
-                preset = gr.Dropdown(sorted({p.stem for p in presets().values()}), value=preset0, label="Preset",
-                                     elem_id="train-preset", scale=2)
-                overwrite = gr.Checkbox(False, label="overwrite an existing LoRA", elem_id="train-overwrite", scale=1)
-            source = gr.Radio(list(SOURCES), value="folder", label="Training images", elem_id="train-source")
-            folder = gr.Dropdown(ctx.data_roots.folders_with_images(), value=None, allow_custom_value=True,
-                                 label=f"Folder (inside {ctx.data_roots.describe()})", elem_id="train-folder")
-            folders = gr.Dropdown(ctx.data_roots.folders_with_images(), value=[], multiselect=True,
-                                  allow_custom_value=True, visible=False, elem_id="train-folders",
-                                  label="Folders: one LoRA per folder, named after it, all trained in one run "
-                                        "on one base (the options below apply to each)")
-            uploads = gr.File(file_count="multiple", file_types=["image", ".txt", ".caption"], type="filepath",
-                              label="Upload images (+ .txt captions with the same names)", elem_id="train-upload",
-                              visible=False)
-            with gr.Row():
-                for key in MAIN[:4]:
-                    comps[key] = field_component(by_name[key], values0[key])
-            with gr.Row():
-                for key in MAIN[4:8]:
-                    comps[key] = field_component(by_name[key], values0[key])
-            with gr.Row():
-                for key in MAIN[8:]:
-                    comps[key] = field_component(by_name[key], values0[key])
-            with gr.Accordion("Advanced (every option of `sdlora train`)", open=False, elem_id="train-advanced"):
-                for group in GROUPS:
-                    group_specs = [s for s in specs if s["group"] == group and s["name"] not in MAIN]
-                    if not group_specs:
-                        continue
-                    gr.Markdown(f"**{group}**")
-                    for i in range(0, len(group_specs), 3):
-                        with gr.Row():
-                            for s in group_specs[i:i + 3]:
-                                comps[s["name"]] = field_component(s, values0[s["name"]])
-            with gr.Row():
-                start = gr.Button("Start training", variant="primary", elem_id="train-start")
-                stop = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="train-stop", interactive=False)
-                resume = gr.Button("Resume", elem_id="train-resume")
+            c = _form(ctx, specs, preset_values(preset0), preset0)
         with gr.Column(scale=2, min_width=320):
-            status = gr.HTML(elem_id="train-status", js_on_load=None)
-            progress = gr.HTML(progress_html(None), elem_id="train-progress", js_on_load=None)
-            plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
-                               color_map={LOSS: "#9ca3af", SMOOTHED: "#2563eb"}, color_title="",
-                               elem_id="train-loss", height=260)
-            samples = gr.Gallery(label="Samples", columns=4, height=220, elem_id="train-samples", interactive=False)
-            log = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log", autoscroll=True)
-    fields = [s["name"] for s in specs if s["name"] in comps]
-    field_comps = [comps[k] for k in fields]
-    seen = gr.State(None)
+            c.update(_monitor())
+    return _wire(ctx, c, specs, timer)
 
-    source.change(lambda s: tuple(gr.update(visible=s == v) for v in SOURCES), source,
-                  [folder, uploads, folders], show_progress="hidden")
+
+def _wire(ctx, c: dict, specs: list[dict], timer: gr.Timer) -> dict:
+    """Events: every handler gets its inputs by component (a dict), never by position."""
+    by_name = {s["name"]: s for s in specs}
+    fields = [s["name"] for s in specs if s["name"] in c["fields"]]
+    field_comps = [c["fields"][k] for k in fields]
+    status, seen = c["status"], gr.State(None)
+    c["source"].change(lambda s: tuple(gr.update(visible=s == v) for v in SOURCES), c["source"],
+                       [c["folder"], c["uploads"], c["folders"]], show_progress="hidden")
 
     def on_preset(p):
         try:
@@ -344,22 +353,22 @@ def build(ctx, timer: gr.Timer):
             return [gr.skip()] * len(fields) + [error_html(e, "Loading the preset")]
         return [to_form(by_name[k], vals[k]) for k in fields] + [status_html(f"preset {p} loaded", "ok")]
 
-    preset.change(on_preset, preset, field_comps + [status], show_progress="hidden")
+    c["preset"].change(on_preset, c["preset"], field_comps + [status], show_progress="hidden")
 
     def launch(resume_: bool, form: dict):
         try:
-            values = {k: from_form(by_name[k], form[comps[k]]) for k in fields}
-            job = start_training(ctx, name=form[name], source=form[source], folder=form[folder],
-                                 uploads=form[uploads], folders=form[folders], values=values,
-                                 preset=form[preset], overwrite=form[overwrite], resume=resume_)
+            values = {k: from_form(by_name[k], form[c["fields"][k]]) for k in fields}
+            job = start_training(ctx, name=form[c["name"]], source=form[c["source"]], folder=form[c["folder"]],
+                                 uploads=form[c["uploads"]], folders=form[c["folders"]], values=values,
+                                 preset=form[c["preset"]], overwrite=form[c["overwrite"]], resume=resume_)
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Starting the training")
         what = f"resumed from step {job.resumed_from}" if job.resumed_from else "started"
         return status_html(f"training {job.title} {what}", "busy")
 
-    inputs = {name, preset, overwrite, source, folder, uploads, folders, *field_comps}   # a dict reaches launch
-    start.click(partial(launch, False), inputs, [status], show_progress="hidden")
-    resume.click(partial(launch, True), inputs, [status], show_progress="hidden")
+    inputs = {*(c[k] for k in ("name", "preset", "overwrite", "source", "folder", "uploads", "folders")), *field_comps}
+    c["start"].click(partial(launch, False), inputs, [status], show_progress="hidden")
+    c["resume"].click(partial(launch, True), inputs, [status], show_progress="hidden")
 
     def on_stop():
         try:
@@ -367,11 +376,11 @@ def build(ctx, timer: gr.Timer):
         except Exception as e:  # noqa: BLE001
             return error_html(e, "Stop")
 
-    stop.click(on_stop, None, [status], show_progress="hidden")
-    outs = [progress, plot, samples, log, start, stop, seen]
+    c["stop"].click(on_stop, None, [status], show_progress="hidden")
+    outs = [c["progress"], c["plot"], c["samples"], c["log"], c["start"], c["stop"], seen]
     timer.tick(partial(view, ctx), [seen], outs, show_progress="hidden", concurrency_limit=None)
-    log.change(None, None, None, js=SCROLL_LOG_JS, show_progress="hidden")
-    form = [name, source, folder, *field_comps]
+    c["log"].change(None, None, None, js=SCROLL_LOG_JS, show_progress="hidden")
+    form = [c["name"], c["source"], c["folder"], *field_comps]
 
     def refill():
         job = ctx.jobs.latest("train")
