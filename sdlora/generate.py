@@ -97,8 +97,7 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
     image_loras = [refs for refs in per_prompt for _ in range(batch)]
     shown = [" ".join([p] + [r.tag for r in list(loras) + mine]).strip() for p, mine in zip(prompts, own)
              for _ in range(batch)]
-    mixes = [[MixEntry.of(r) for r in refs]
-             for refs in image_loras]
+    mixes = [[MixEntry.of(r) for r in refs] for refs in image_loras]
     pipe = base.pipe
     side = native_size(pipe)
     width, height = width or side, height or side
@@ -109,19 +108,20 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
         seeds = [seed + i for i in range(len(texts))]
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
-    step_kw = {}
-    if on_step is not None:
-        def step_end(p, i, t, tensors):
-            # Heun/DPM2 evaluate twice per step: the pipeline's own count is the total
-            on_step(i + 1, getattr(p, "num_timesteps", None) or steps)
-            return tensors
-        step_kw["callback_on_step_end"] = step_end
+    step_kw = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, steps)}
     with torch.no_grad(), use_mixes(pipe, mixes, mode=mode) as how:
         images = pipe(texts, negative_prompt=[negative] * len(texts) if negative else None,
                       num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **step_kw).images
-    # the infotext keeps the prompt as written (with its tags) plus tags for --lora LoRAs, as A1111
-    # does, so "reuse parameters" brings the LoRAs back; hashes name that image's own LoRAs
+    return _results(base, images, seeds, shown, image_loras, how, negative=negative, steps=steps, cfg=cfg,
+                    sampler=sampler, size=f"{width}x{height}")
+
+
+def _results(base, images, seeds, shown, image_loras, how: str, *, negative: str, steps: int, cfg: float,
+             sampler: str, size: str) -> list[Generated]:
+    """Each image with its A1111 infotext. The infotext keeps the prompt as written (with its tags)
+    plus tags for --lora LoRAs, as A1111 does, so "reuse parameters" brings the LoRAs back; hashes
+    name that image's own LoRAs (each file hashed once)."""
     hashes = {}
     out = []
     for image, s, text, refs in zip(images, seeds, shown, image_loras):
@@ -129,10 +129,18 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
             if r.path not in hashes:
                 hashes[r.path] = lora_hash(r.path)
         value = lora_hashes_value({r.name: hashes[r.path] for r in refs}) if refs else None
-        params = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{cfg:g}", "Seed": s, "Size": f"{width}x{height}",
+        params = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{cfg:g}", "Seed": s, "Size": size,
                   "Model hash": base.hash, "Model": base.name, "Lora hashes": value, "Version": f"sdlora {__version__}"}
         out.append(Generated(image, s, build(text, negative, params), how))
     return out
+
+
+def _step_callback(on_step: Callable[[int, int], None], steps: int):
+    def step_end(p, i, t, tensors):
+        # Heun/DPM2 evaluate twice per step: the pipeline's own count is the total
+        on_step(i + 1, getattr(p, "num_timesteps", None) or steps)
+        return tensors
+    return step_end
 
 
 def random_seed() -> int:
