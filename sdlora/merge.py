@@ -19,7 +19,6 @@ stored value (fp32, cast back to the file's dtype); every other tensor and file 
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
@@ -39,6 +38,7 @@ from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, mo
 from sdlora.atomic import as_oserror, atomic_save_file, clean_stale, replace_dir, temp_dir, umask
 from sdlora.formats.writer import lora_state_dict
 from sdlora.paths import explain_oserror, scan_tree
+from sdlora.modelspec import modelspec
 from sdlora.fusion import bias_deltas, fused_bias, fused_weight
 from sdlora.lora_cache import DEFAULT_CACHE, LoraCache
 from sdlora.mixplan import MixEntry, Target, check_fit, load_sources, plan
@@ -174,12 +174,7 @@ def mix_metadata(mixed: MixedLora, entries: list[MixEntry], out: Path) -> dict[s
         "ss_base_model_version": fam.ss_base_model_version,
         "ss_v2": str(mixed.family == "sd2"),
         "ss_output_name": out.stem,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": fam.modelspec_architecture,
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if mixed.family == "sdxl"
-                                     else "diffusers"),
-        "modelspec.title": out.stem,
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        **modelspec(mixed.family, title=out.stem),
         "modelspec.merged_from": ", ".join(titles),
         "sdlora_merge": json.dumps({
             "method": mixed.method, "rank": mixed.rank,

@@ -5,7 +5,6 @@ library/sai_model_spec.py) so A1111, the Civitai uploader and metadata viewers r
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import random
@@ -13,7 +12,7 @@ import random
 import safetensors.torch
 
 import sdlora
-from sdlora.families import get_family
+from sdlora.modelspec import base_model_version, modelspec
 
 
 def addnet_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
@@ -26,19 +25,6 @@ def addnet_hashes(tensors: dict, metadata: dict) -> tuple[str, str]:
     model_hash = hashlib.sha256(data[8 + header:]).hexdigest()
     legacy = hashlib.sha256(data[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy
-
-
-def base_model_version(family: str, v_prediction: bool) -> str:
-    """kohya's ss_base_model_version: sd_v1, sd_v2, sd_v2_v (v-prediction), sdxl_base_v1-0."""
-    if family == "sdxl":
-        return get_family(family).ss_base_model_version
-    return ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_prediction else "")
-
-
-def modelspec_architecture(family: str, v_prediction: bool) -> str:
-    if family == "sd2":
-        return "stable-diffusion-v2-768-v/lora" if v_prediction else "stable-diffusion-v2-512/lora"
-    return get_family(family).modelspec_architecture
 
 
 def build_metadata(*, cfg, family: str, prediction_type: str, base_name: str, plan, optimizer_desc: str,
@@ -111,16 +97,8 @@ def build_metadata(*, cfg, family: str, prediction_type: str, base_name: str, pl
     }
     if "conv" in cfg.unet_targets:
         md["ss_network_args"] = json.dumps({"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha)})
-    md.update({
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(family, v),
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family == "sdxl"
-                                     else "diffusers"),
-        "modelspec.title": output_name,
-        "modelspec.date": datetime.datetime.fromtimestamp(finished_at or started_at).strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.resolution": f"{res}x{res}",
-        "modelspec.prediction_type": "v" if v else "epsilon",
-    })
+    md.update(modelspec(family, title=output_name, when=finished_at or started_at, v_prediction=v))
+    md.update({"modelspec.resolution": f"{res}x{res}", "modelspec.prediction_type": "v" if v else "epsilon"})
     if cfg.trigger:
         md["modelspec.trigger_phrase"] = cfg.trigger
     return md
