@@ -152,3 +152,10 @@ def base_spec() -> str | None:
         return env
     pytest.fail(f"no base model for the UI tests: the embedded model {EMBEDDED_MODEL} is missing and "
                 "SDLORA_TEST_BASE does not name a diffusers model folder")
+
+
+def write_image(path, fmt: str, size=(8, 8)):
+    """A small red image file in `fmt` (PNG, JPEG, WEBP, BMP)."""
+    from PIL import Image
+    Image.new("RGB", size, (200, 30, 30)).save(path, format=fmt)
+    return path
