@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,15 +27,7 @@ from loras import attention_paths, lora_file, random_lora  # noqa: E402
 from sdlora.families import build_unet, load_config  # noqa: E402
 from sdlora.mixing import MixEntry, Mixer  # noqa: E402
 from sdlora.routing import Router  # noqa: E402
-
-
-def _median_time(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+from timing import median_time  # noqa: E402
 
 
 def real_size_step(repeats: int) -> dict:
@@ -72,8 +62,9 @@ def real_size_step(repeats: int) -> dict:
     with torch.no_grad():
         want, got = patched(), routed()
         diff = float((got - want).abs().max() / want.abs().max())
-        t_patched = _median_time(patched, repeats)
-        t_routed = _median_time(routed, repeats)
+        # warm-up: the accuracy calls above
+        t_patched = median_time(patched, repeats, warm_up=False)
+        t_routed = median_time(routed, repeats, warm_up=False)
     return {"patched_s": t_patched, "routed_s": t_routed, "max_rel_diff": diff}
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STYLES = ("halftone", "neon", "toon")
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 mode, steps, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 from sdlora.training import build_config

@@ -12,18 +12,18 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loras import attention_paths, components, lora_file, random_lora  # noqa: E402
 from test_routing import ALGOS, _mixes, patched_per_sample, probe, rel, outputs  # noqa: E402
 
 from sdlora.families import build_unet, load_config  # noqa: E402
+from timing import median_time  # noqa: E402
 from sdlora.mixing import MixEntry, Mixer  # noqa: E402
 from sdlora.routing import Router  # noqa: E402
 
@@ -40,29 +40,19 @@ def accuracy():
               f"text encoder {rel(got['text_encoder'], want['text_encoder']):.1e}")
 
 
-def _time(fn, repeats):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def speed(name, comps, args_, mix, repeats):
     unet = comps["unet"]
     with torch.no_grad():
         def call():
             unet(*args_)
-        base = _time(call, repeats)
+        base = median_time(call, repeats)
         mixer = Mixer(comps)
         mixer.apply(mix)
-        patched = _time(call, repeats)
+        patched = median_time(call, repeats)
         mixer.restore()
         with Router(comps, [mix]):
-            routed = _time(call, repeats)
-        after = _time(call, repeats)
+            routed = median_time(call, repeats)
+        after = median_time(call, repeats)
     print(f"{name}: UNet call base {base * 1e3:.1f} ms, patched {patched * 1e3:.1f} ms, routed {routed * 1e3:.1f} ms "
           f"(routed/patched {routed / patched:.2f}), base after routing {after * 1e3:.1f} ms")
 
