@@ -19,4 +19,5 @@ def torch_dtype(name: str):
 
 def dtype_name(dtype) -> str | None:
     """fp32/fp16/bf16 for those torch dtypes, else None."""
-    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(dtype))
+    import torch
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)

@@ -395,16 +395,14 @@ def set_active(pipe_or_components, mix: Mix) -> str:
     if not _quantized(pipe_or_components):
         mixer_for(pipe_or_components).apply(list(mix))
         return "patched"
-    key = next(iter(components_of(pipe_or_components).values()))
-    router = _KEPT.get(key)
-    if router is None:
-        router = Router(pipe_or_components, [tuple(mix)]) if mix else None
-    else:
-        router.set_mixes([tuple(mix)])
-    if router is None or not mix:
+    if not mix:
         drop_router(pipe_or_components)
+        return "routed"
+    key = next(iter(components_of(pipe_or_components).values()))
+    if key in _KEPT:
+        _KEPT[key].set_mixes([tuple(mix)])          # an installed Router stays installed
     else:
-        _KEPT[key] = router.install()
+        _KEPT[key] = Router(pipe_or_components, [tuple(mix)]).install()
     return "routed"
 
 

@@ -127,7 +127,7 @@ class Job:
     eta_s: float = 0.0
     losses: list = field(default_factory=list)    # (step, loss, smoothed loss)
     curves: dict = field(default_factory=dict)    # several LoRAs in one run: LoRA name -> its losses
-    parts: dict = field(default_factory=dict)     # LoRA name -> [step, total] (the bar sums them)
+    parts: dict = field(default_factory=dict)     # LoRA name -> [step, total, eta_s] (the bar sums them)
     samples: list = field(default_factory=list)   # (step, path)
     log: list = field(default_factory=list)
     error: str | None = None
@@ -258,8 +258,8 @@ class JobCallbacks(TrainingCallbacks):
     def on_plan(self, plan) -> None:
         if self.part:
             with self.job._lock:
-                self.job.parts[self.part] = [0, plan.total_steps]
-            self.job.update(total=sum(t for _, t in self.job.parts.values()))
+                self.job.parts[self.part] = [0, plan.total_steps, 0.0]
+            self.job.update(total=sum(t for _, t, _ in self.job.parts.values()))
         else:
             self.job.update(total=plan.total_steps)
         self.job.note(self._tag(plan.describe()))
@@ -272,10 +272,10 @@ class JobCallbacks(TrainingCallbacks):
             return
         with self.job._lock:
             self.job.curves.setdefault(self.part, []).append((p.step, p.loss, p.smoothed_loss))
-            self.job.parts[self.part] = [p.step, p.total_steps]
-            done, total = (sum(v[i] for v in self.job.parts.values()) for i in (0, 1))
-        self.job.update(step=done, total=total, steps_per_s=p.steps_per_s, eta_s=max(self.job.eta_s, p.eta_s)
-                        if p.step < p.total_steps else self.job.eta_s)
+            self.job.parts[self.part] = [p.step, p.total_steps, p.eta_s if p.step < p.total_steps else 0.0]
+            done, total, eta = (f(v[i] for v in self.job.parts.values()) for i, f in ((0, sum), (1, sum), (2, max)))
+        # the LoRAs train side by side: the run ends with the one that has the longest left
+        self.job.update(step=done, total=total, steps_per_s=p.steps_per_s, eta_s=eta)
 
     def on_sample(self, step: int, images, paths) -> None:
         with self.job._lock:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdlora.adapters import ALGORITHMS, LoRA, known_parts
+from sdlora.adapters import LoRA, known_parts
 from sdlora.formats import comfy, diffusers, kohya
 from sdlora.formats.modules import MODIFIERS, SPARSE_PARTS
 
@@ -17,15 +17,12 @@ from sdlora.formats.modules import MODIFIERS, SPARSE_PARTS
 KOHYA_LORA_PARTS = {"lora_up.weight": "up", "lora_down.weight": "down", "lora_mid.weight": "mid",
                     "lora_B.weight": "up", "lora_A.weight": "down"}
 OWN_NAME_MODIFIERS = frozenset(m for m in MODIFIERS if m != "magnitude") | frozenset(SPARSE_PARTS)  # PEFT's is dotted
-_own: tuple[int, frozenset] = (-1, frozenset())
 
 
 def own_name_parts() -> frozenset[str]:
-    """Parts written under their own names: every registered algorithm's (LoRA's excepted) and the modifiers."""
-    global _own
-    if _own[0] != len(ALGORITHMS):        # an algorithm registered since (sdlora.adapters.register)
-        _own = (len(ALGORITHMS), frozenset(known_parts() - set(LoRA.parts)) | OWN_NAME_MODIFIERS)
-    return _own[1]
+    """Parts written under their own names: every registered algorithm's (LoRA's excepted) and the
+    modifiers. Asked once per file, so an algorithm registered later is known to the next read."""
+    return frozenset(known_parts() - set(LoRA.parts)) | OWN_NAME_MODIFIERS
 
 
 BUNDLE_PREFIX = "bundle_emb."
@@ -46,12 +43,12 @@ class ParsedKeys:
     duplicate: list[str] = field(default_factory=list)
 
 
-def _split_dotted(key: str):
+def _split_dotted(key: str, dotted: list[str]):
     got = diffusers.split_key(key)
     if got is not None:
         return got
     # LyCORIS parts also seen after dotted diffusers names (not the bare weight/bias/scale)
-    for part in sorted(own_name_parts() - {"weight", "bias", "scale"}, key=len, reverse=True):
+    for part in dotted:
         if key.endswith("." + part):
             return key[: -len(part) - 1], part
     return None
@@ -59,6 +56,9 @@ def _split_dotted(key: str):
 
 def parse_keys(names) -> ParsedKeys:
     out = ParsedKeys()
+    own = own_name_parts()
+    # LyCORIS parts also seen after dotted diffusers names (not the bare weight/bias/scale), longest first
+    dotted = sorted(own - {"weight", "bias", "scale"}, key=len, reverse=True)
     for key in names:
         if key.startswith(BUNDLE_PREFIX):
             token = key[len(BUNDLE_PREFIX):].split(".", 1)[0]
@@ -66,10 +66,10 @@ def parse_keys(names) -> ParsedKeys:
             continue
         if kohya.claims(key):
             module, suffix = kohya.split_key(key)
-            part = KOHYA_LORA_PARTS.get(suffix) or (suffix if suffix in own_name_parts() else None)
+            part = KOHYA_LORA_PARTS.get(suffix) or (suffix if suffix in own else None)
             scheme = "kohya"
         else:
-            got = _split_dotted(key)
+            got = _split_dotted(key, dotted)
             (module, part) = got if got else (None, None)
             scheme = "comfy" if module and comfy.claims(module) else "diffusers"
         if part is None:
