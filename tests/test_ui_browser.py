@@ -129,11 +129,25 @@ def close_lists(page):
 
 
 def pick(page, selector, name):
-    """Choose `name` in a gradio dropdown."""
-    page.click(f"{selector} input")
-    page.keyboard.type(name)
-    page.get_by_role("option", name=name, exact=True).click()
-    close_lists(page)
+    """Choose `name` in a gradio dropdown and check that it was chosen.
+
+    The list filters as keys arrive; clicking before it has caught up with the last key can hit a row
+    that moves under the pointer (typing "style2" once chose "style" on a loaded machine), so the click
+    waits until every offered option contains the typed text.
+    """
+    box = page.locator(f"{selector} input").first
+    for _ in range(3):
+        box.click()
+        box.fill("")
+        page.keyboard.type(name)
+        page.wait_for_function(
+            "(t) => { const o = [...document.querySelectorAll('[role=option]')];"
+            " return o.length > 0 && o.every(e => e.textContent.includes(t)); }", arg=name)
+        page.get_by_role("option", name=name, exact=True).click()
+        close_lists(page)
+        if box.input_value() == name or name in page.inner_text(selector).split():
+            return
+    raise AssertionError(f"{selector}: could not choose {name!r}; it shows {box.input_value()!r}")
 
 
 def options(page, selector, text, expect: str) -> list[str]:
