@@ -66,6 +66,25 @@ def build_metadata(*, cfg, family: str, prediction_type: str, base_name: str, pl
         "ss_base_precision": base_precision or "fp32",
         "ss_fp8_base": str(base_precision == "fp8"),
         "ss_full_fp16": "False",
+        "ss_training_comment": cfg.comment,
+        "sdlora_version": sdlora.__version__,
+        "sdlora_unet_targets": ",".join(cfg.unet_targets),
+        "sdlora_text_targets": ",".join(cfg.text_targets) if cfg.train_text_encoder else "",
+    }
+    md.update(_dataset_keys(cfg, plan, family))
+    if "conv" in cfg.unet_targets:
+        md["ss_network_args"] = json.dumps({"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha)})
+    md.update(modelspec(family, title=output_name, when=finished_at or started_at, v_prediction=v))
+    md.update({"modelspec.resolution": f"{res}x{res}", "modelspec.prediction_type": "v" if v else "epsilon"})
+    if cfg.trigger:
+        md["modelspec.trigger_phrase"] = cfg.trigger
+    return md
+
+
+def _dataset_keys(cfg, plan, family: str) -> dict[str, str]:
+    """kohya's keys for what was trained on: seed, resolution and buckets, caption handling, folders."""
+    res = cfg.resolution
+    return {
         "ss_seed": str(cfg.seed),
         "ss_resolution": str((res, res)),
         "ss_enable_bucket": str(cfg.buckets),
@@ -90,15 +109,4 @@ def build_metadata(*, cfg, family: str, prediction_type: str, base_name: str, pl
         "ss_reg_dataset_dirs": json.dumps({f.name: {"n_repeats": f.repeats, "img_count": f.images}
                                            for f in plan.folders if f.is_reg}),
         "ss_tag_frequency": json.dumps(plan.tag_frequency),
-        "ss_training_comment": cfg.comment,
-        "sdlora_version": sdlora.__version__,
-        "sdlora_unet_targets": ",".join(cfg.unet_targets),
-        "sdlora_text_targets": ",".join(cfg.text_targets) if cfg.train_text_encoder else "",
     }
-    if "conv" in cfg.unet_targets:
-        md["ss_network_args"] = json.dumps({"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha)})
-    md.update(modelspec(family, title=output_name, when=finished_at or started_at, v_prediction=v))
-    md.update({"modelspec.resolution": f"{res}x{res}", "modelspec.prediction_type": "v" if v else "epsilon"})
-    if cfg.trigger:
-        md["modelspec.trigger_phrase"] = cfg.trigger
-    return md

@@ -13,9 +13,9 @@ import logging
 import re
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -135,35 +135,16 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
     """
     if family is not None:
         get_family(family)
-    if isinstance(source, Mapping):
-        state = dict(source)
-        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise LoraFormatError(f"not a LoRA state dict: {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a tensor")
-        header, path = header_of_state_dict(state), None
-    else:
-        path = Path(source)
-        header, state = read_header(path), None
+    header, state, path = _open(source)
     parsed = parse_keys(header.names)
     refuse_non_lora(header, parsed)
     where = f"{path}: " if path else ""
 
-    guess = detect_family(header, parsed)
-    detected, evidence = guess.family, guess.evidence
-    if family is not None and detected is not None and detected != family:
-        raise FamilyMismatchError(
-            f"{where}this LoRA is for {SD_FAMILIES[detected]} ({evidence}) but the model is "
-            f"{SD_FAMILIES[family]}; pick a {SD_FAMILIES[family]} LoRA or a {SD_FAMILIES[detected]} base model")
+    fam, evidence, conflict = _choose_family(header, parsed, family, where)
     notes = []
-    if guess.conflict:  # metadata is a hint: the tensors decide, the user hears about the disagreement
-        notes.append(guess.conflict)
-        warnings.warn(f"{where}{guess.conflict}", stacklevel=2)
-    fam = family or detected or guess.fits[0]
-    if family is not None:
-        evidence = f"given by the caller ({evidence})" if detected is None else evidence
-    elif detected is None:
-        evidence = f"assumed {SD_FAMILIES[fam]}: {evidence}"
-
+    if conflict:  # metadata is a hint: the tensors decide, the user hears about the disagreement
+        notes.append(conflict)
+        warnings.warn(f"{where}{conflict}", stacklevel=2)
     if state is None:
         state = load_tensors(path, header)
     bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -171,61 +152,16 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
         raise LoraFormatError(f"{where}the file is damaged: {len(bad)} tensors hold NaN or infinite values "
                               f"(e.g. {', '.join(bad[:5])}); re-download it or use another version")
 
-    table = module_table(fam, configs, include_norms=True)
-    schemes = {m.scheme for m in parsed.modules.values()}
-    aliases = kohya.aliases(fam, configs) if "kohya" in schemes else {}
-    comfy_names = comfy.aliases(fam, configs) if "comfy" in schemes else {}
-    adapter_md = {}
-    if "lora_adapter_metadata" in header.metadata:
-        try:
-            adapter_md = json.loads(header.metadata["lora_adapter_metadata"])
-        except ValueError:
-            raise LoraFormatError(f"{where}damaged metadata: lora_adapter_metadata is not JSON") from None
-
-    patches: dict[str, Adapter] = {}
-    source_of: dict[str, str] = {}
-    unmatched = list(parsed.unknown) + list(parsed.duplicate)
-    misfits, no_effect, sparse = [], [], 0
-    for name, mod in parsed.modules.items():
-        cands = _resolve(mod, table, aliases, comfy_names)
-        if not cands and name in comfy.NO_EFFECT:
-            no_effect.extend(mod.keys.values())
-            continue
-        if not cands:
-            unmatched.extend(mod.keys.values())
-            continue
-        parts = {p: state[k] for p, k in mod.keys.items()}
-        alpha = None
-        if "alpha" not in parts and "down" in parts and adapter_md:
-            alpha = _peft_alpha(adapter_md, cands[0], parts["down"].shape[0])
-        try:
-            ad, used = build_adapter(name, parts, alpha)
-        except LoraFormatError as e:
-            raise LoraFormatError(f"{where}{e}") from None
-        sparse += "bias_indices" in used
-        unmatched.extend(k for p, k in mod.keys.items() if p not in used)
-        fits = [c for c in cands if _fits(ad, table[c])]
-        if not fits:
-            misfits.append(f"{name} ({_shape_text(ad)}) does not fit {cands[0]} weight {list(table[cands[0]].shape)}")
-            if check_shapes:
-                continue
-        target = (fits or cands)[0]
-        if target in patches:
-            raise LoraFormatError(f"{where}two entries of the file patch the same module {target}: "
-                                  f"{source_of[target]} and {name}; the file is inconsistent")
-        patches[target], source_of[target] = ad, name
-    if misfits and check_shapes:
-        raise LoraFormatError(
-            f"{where}{len(misfits)} modules do not fit the {SD_FAMILIES[fam]} model's weights (a LoRA for another "
-            f"model or a damaged file): " + "; ".join(misfits[:5]) + (" ..." if len(misfits) > 5 else ""))
+    placed = _place(parsed, state, header, fam, configs, where, check_shapes)
+    patches, unmatched, misfits = placed.patches, placed.unmatched, placed.misfits
     embeddings = {tok: {k[len(f"bundle_emb.{tok}."):] or tok: state[k] for k in keys}
                   for tok, keys in parsed.embeddings.items()}
-    if sparse:
-        notes.append(f"LyCORIS sparse residual (bias_indices/bias_values/bias_size) added to the ΔW of {sparse} "
-                     "modules, scaled like the rest of each module")
-    if no_effect:
-        notes.append(f"{len(no_effect)} keys of ComfyUI's CLIP-L/H text_projection skipped: this model's text "
-                     f"encoder has none and its pooled output is unused (e.g. {no_effect[0]})")
+    if placed.sparse:
+        notes.append(f"LyCORIS sparse residual (bias_indices/bias_values/bias_size) added to the ΔW of "
+                     f"{placed.sparse} modules, scaled like the rest of each module")
+    if placed.no_effect:
+        notes.append(f"{len(placed.no_effect)} keys of ComfyUI's CLIP-L/H text_projection skipped: this model's "
+                     f"text encoder has none and its pooled output is unused (e.g. {placed.no_effect[0]})")
     if not patches and not embeddings:
         raise UnmatchedKeysError(f"{where}none of the {len(unmatched)} LoRA keys matches a module of the "
                                  f"{SD_FAMILIES[fam]} model (e.g. {', '.join(unmatched[:5])})")
@@ -242,3 +178,88 @@ def read_lora(source, *, family: str | None = None, configs: dict | None = None,
                   family_evidence=evidence, container=header.container, misfits=misfits, notes=notes)
     log.info("%s%s", where, lf.summary())  # matched modules per component, on every load
     return lf
+
+
+def _open(source):
+    """(header, state dict or None until needed, path or None) of a file path or an in-memory state dict."""
+    if isinstance(source, Mapping):
+        state = dict(source)
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise LoraFormatError(f"not a LoRA state dict: {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a tensor")
+        return header_of_state_dict(state), state, None
+    path = Path(source)
+    return read_header(path), None, path
+
+
+def _choose_family(header, parsed, family, where):
+    """(family, evidence, conflict note or None): the caller's family if given (refusing a LoRA detected
+    as another), else the detected one, else the first family the shapes fit."""
+    guess = detect_family(header, parsed)
+    detected, evidence = guess.family, guess.evidence
+    if family is not None and detected is not None and detected != family:
+        raise FamilyMismatchError(
+            f"{where}this LoRA is for {SD_FAMILIES[detected]} ({evidence}) but the model is "
+            f"{SD_FAMILIES[family]}; pick a {SD_FAMILIES[family]} LoRA or a {SD_FAMILIES[detected]} base model")
+    fam = family or detected or guess.fits[0]
+    if family is not None:
+        evidence = f"given by the caller ({evidence})" if detected is None else evidence
+    elif detected is None:
+        evidence = f"assumed {SD_FAMILIES[fam]}: {evidence}"
+    return fam, evidence, guess.conflict
+
+
+@dataclass
+class _Placed:
+    patches: dict = field(default_factory=dict)      # live module path -> Adapter
+    unmatched: list = field(default_factory=list)    # keys no module took
+    misfits: list = field(default_factory=list)      # "name (shape) does not fit ..." lines
+    no_effect: list = field(default_factory=list)    # keys of modules this model lacks on purpose
+    sparse: int = 0                                  # modules with a LyCORIS sparse residual
+
+
+def _place(parsed, state, header, fam, configs, where, check_shapes) -> _Placed:
+    """Build every parsed module's adapter and put it on the model module its names and shapes match."""
+    table = module_table(fam, configs, include_norms=True)
+    schemes = {m.scheme for m in parsed.modules.values()}
+    aliases = kohya.aliases(fam, configs) if "kohya" in schemes else {}
+    comfy_names = comfy.aliases(fam, configs) if "comfy" in schemes else {}
+    adapter_md = {}
+    if "lora_adapter_metadata" in header.metadata:
+        try:
+            adapter_md = json.loads(header.metadata["lora_adapter_metadata"])
+        except ValueError:
+            raise LoraFormatError(f"{where}damaged metadata: lora_adapter_metadata is not JSON") from None
+    out, source_of = _Placed(unmatched=list(parsed.unknown) + list(parsed.duplicate)), {}
+    for name, mod in parsed.modules.items():
+        cands = _resolve(mod, table, aliases, comfy_names)
+        if not cands:
+            (out.no_effect if name in comfy.NO_EFFECT else out.unmatched).extend(mod.keys.values())
+            continue
+        parts = {p: state[k] for p, k in mod.keys.items()}
+        alpha = None
+        if "alpha" not in parts and "down" in parts and adapter_md:
+            alpha = _peft_alpha(adapter_md, cands[0], parts["down"].shape[0])
+        try:
+            ad, used = build_adapter(name, parts, alpha)
+        except LoraFormatError as e:
+            raise LoraFormatError(f"{where}{e}") from None
+        out.sparse += "bias_indices" in used
+        out.unmatched.extend(k for p, k in mod.keys.items() if p not in used)
+        fits = [c for c in cands if _fits(ad, table[c])]
+        if not fits:
+            out.misfits.append(f"{name} ({_shape_text(ad)}) does not fit {cands[0]} weight "
+                               f"{list(table[cands[0]].shape)}")
+            if check_shapes:
+                continue
+        target = (fits or cands)[0]
+        if target in out.patches:
+            raise LoraFormatError(f"{where}two entries of the file patch the same module {target}: "
+                                  f"{source_of[target]} and {name}; the file is inconsistent")
+        out.patches[target], source_of[target] = ad, name
+    if out.misfits and check_shapes:
+        raise LoraFormatError(
+            f"{where}{len(out.misfits)} modules do not fit the {SD_FAMILIES[fam]} model's weights (a LoRA for "
+            f"another model or a damaged file): " + "; ".join(out.misfits[:5])
+            + (" ..." if len(out.misfits) > 5 else ""))
+    return out
