@@ -72,8 +72,14 @@ def text_encoder_config() -> dict:
     return cfg
 
 
-def scheduler_config() -> dict:
-    return load_config("sd1", "scheduler")
+def scheduler_config(zero_snr: bool = False) -> dict:
+    """SD1.5's noise schedule; with `zero_snr` rescaled so that t=999 is pure noise (Lin et al. 2023,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed"), which needs v-prediction and
+    trailing timesteps. diffusers' samplers read all three from the saved config."""
+    cfg = load_config("sd1", "scheduler")
+    if zero_snr:
+        cfg.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    return cfg
 
 
 def log(msg: str, t0=[time.time(), time.process_time()]) -> None:  # noqa: B006 (start of the run)
@@ -215,7 +221,8 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
                steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
                dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
                layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1, init=None,
-               text_encoder=None, ids: torch.Tensor | None = None, empty_ids: torch.Tensor | None = None):
+               text_encoder=None, ids: torch.Tensor | None = None, empty_ids: torch.Tensor | None = None,
+               zero_snr: bool = False):
     """Epsilon-prediction UNet on cached latents with min-SNR weighting and EMA. `init`: a UNet to
     start from (a second stage) instead of a fresh one. With `text_encoder` (and the captions' token
     `ids`), the text encoder's transformer layers train with the UNet (its token embedding table stays
@@ -230,10 +237,13 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         text_encoder.get_input_embeddings().requires_grad_(False)
         params += [p for p in text_encoder.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
-    sched = DDPMScheduler.from_config(scheduler_config())
+    sched = DDPMScheduler.from_config(scheduler_config(zero_snr))
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weight_t = torch.clamp(snr, max=snr_gamma) / snr        # min-SNR for epsilon prediction
+    if zero_snr:  # min-SNR on the v-loss's own scale (snr + 1): weight 1 where noise dominates, incl. t=999
+        weight_t = torch.clamp(snr + 1, max=snr_gamma) / (snr + 1)
+    else:         # min-SNR for epsilon prediction
+        weight_t = torch.clamp(snr, max=snr_gamma) / snr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
     n = len(latents)
     for step in range(steps):
@@ -254,7 +264,8 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, cond).sample
-        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * weight_t[t]).mean()
+        target = sched.get_velocity(x0, noise, t) if zero_snr else noise
+        loss = ((pred - target).pow(2).mean(dim=(1, 2, 3)) * weight_t[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -287,12 +298,14 @@ def _ema_copy(unet, text_encoder, ema):
 # ---------------------------------------------------------------------------------------------
 # assembling and writing the folder
 
-def assemble(vae, text_encoder, unet, scaling_factor: float):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def assemble(vae, text_encoder, unet, scaling_factor: float, zero_snr: bool = False):
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
     vae.register_to_config(scaling_factor=scaling_factor)
     unet.set_default_attn_processor()
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
-                                   scheduler=PNDMScheduler.from_config(scheduler_config()),
+                                   # PNDM (SD1.5's default) cannot rescale to zero SNR; DDIM can, as SD2-v ships
+                                   scheduler=(DDIMScheduler if zero_snr else PNDMScheduler).from_config(
+                                       scheduler_config(zero_snr)),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
@@ -337,6 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--layers-per-block", type=int, default=1, help="UNet resnets per down block (SD1.5: 2)")
     p.add_argument("--heads", type=int, default=1, help="attention heads (SD1.5: 8; diffusers calls it attention_head_dim)")
+    p.add_argument("--zero-snr", action="store_true",
+                   help="zero-terminal-SNR schedule with v-prediction (the principled fix for the leak that "
+                        "--noise-offset works around; use with --noise-offset 0)")
     p.add_argument("--noise-offset", type=float, default=0.1,
                    help="per-channel constant noise added in training. The scenes are mostly flat background, and "
                         "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: without an offset the "
@@ -408,7 +424,7 @@ def main(argv=None) -> int:
     from tools.eval_base_model import evaluate
 
     def on_eval(unet, te, step):
-        pipe = assemble(vae, te or text_encoder, unet, scaling)
+        pipe = assemble(vae, te or text_encoder, unet, scaling, a.zero_snr)
         if a.snapshots:
             save(pipe, a.out.with_name(f"{a.out.name}-step{step}"), f"# snapshot at UNet step {step}\n")
         r = evaluate(pipe, seeds=2, log=None)
@@ -426,10 +442,11 @@ def main(argv=None) -> int:
     unet, trained_te = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr,
                                   init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
                                   layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
+                                  zero_snr=a.zero_snr,
                                   **te_kw)
     text_encoder = trained_te or text_encoder
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
-    pipe = assemble(vae, text_encoder, unet, scaling)
+    pipe = assemble(vae, text_encoder, unet, scaling, a.zero_snr)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
     origin = f"its UNet continued from {a.init_unet}" if a.init_unet else "trained from scratch"
     card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
