@@ -92,11 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--styles", type=Path, default=Path("sample_data/styles"),
                    help="folder of style folders: report VAE error and style scores on them")
+    p.add_argument("--device", default="cpu", help="torch device to generate on (cpu, cuda, ...)")
     p.add_argument("--grid", type=Path, default=None, help="save a PNG grid of the held-out images")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     from sdlora.pipelines import load_base
-    pipe = load_base(a.model).pipe
+    pipe = load_base(a.model, device=a.device).pipe
     held = evaluate(pipe, seeds=a.seeds, log=None, return_images=True)
     seen_pairs = [(c, s) for c in S.COLOURS for s in S.SHAPES if (c, s) not in S.HELD_OUT]
     seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None)

@@ -110,11 +110,11 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 # VAE
 
 def train_vae(images: np.ndarray, steps: int, *, batch: int, crop: int, full_steps: int, lr: float,
-              gen: torch.Generator):
+              gen: torch.Generator, device: str = "cpu"):
     """AutoencoderKL on uint8 images: MSE + 0.5 L1 + 1e-6 KL. Random crops (crop x crop) first,
     which teach local detail at a quarter of the cost; the last `full_steps` on whole images."""
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_config(vae_config())
+    vae = AutoencoderKL.from_config(vae_config()).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     data = torch.from_numpy(images)
     n = len(data)
@@ -122,7 +122,7 @@ def train_vae(images: np.ndarray, steps: int, *, batch: int, crop: int, full_ste
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 50)
         idx = torch.randint(0, n, (batch,), generator=gen)
-        x = to_tensor(data[idx].numpy())
+        x = to_tensor(data[idx].numpy()).to(device)
         if step < steps - full_steps:
             oy, ox = torch.randint(0, S.SIZE - crop + 1, (2,), generator=gen).tolist()
             x = x[:, :, oy:oy + crop, ox:ox + crop]
@@ -139,12 +139,13 @@ def train_vae(images: np.ndarray, steps: int, *, batch: int, crop: int, full_ste
     return round_fp16_(vae.eval().requires_grad_(False))
 
 
-def finetune_decoder(vae, images: np.ndarray, steps: int, *, batch: int, lr: float, gen: torch.Generator):
+def finetune_decoder(vae, images: np.ndarray, steps: int, *, batch: int, lr: float, gen: torch.Generator,
+                     device: str = "cpu"):
     """Fine-tune the decoder on whole images with the encoder frozen (what SD's ft-MSE VAE did): the
     latent space, and so any UNet trained on it, is unchanged, while the crop-trained decoder learns
     the image borders and flat areas it renders poorly. Latents are sampled from the posterior, so
     the decoder also copes with the slightly-off latents a UNet produces."""
-    vae = vae.float().train()
+    vae = vae.float().to(device).train()
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
@@ -154,7 +155,7 @@ def finetune_decoder(vae, images: np.ndarray, steps: int, *, batch: int, lr: flo
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 20)
-        x = to_tensor(data[torch.randint(0, len(data), (batch,), generator=gen)].numpy())
+        x = to_tensor(data[torch.randint(0, len(data), (batch,), generator=gen)].numpy()).to(device)
         if torch.rand((), generator=gen) < 0.5:
             x = x.flip(3)
         with torch.no_grad():
@@ -174,15 +175,15 @@ def vae_mse(vae, images: np.ndarray, batch: int = 64) -> float:
     """Mean squared reconstruction error in [0, 1] pixel units (posterior mean, no sampling)."""
     errs = []
     for i in range(0, len(images), batch):
-        x = to_tensor(images[i:i + batch])
+        x = to_tensor(images[i:i + batch]).to(vae.device)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         errs.append(((rec - x) / 2).pow(2).mean(dim=(1, 2, 3)))
-    return float(torch.cat(errs).mean())
+    return float(torch.cat(errs).mean().cpu())
 
 
 @torch.no_grad()
 def encode(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
-    return torch.cat([vae.encode(to_tensor(images[i:i + batch])).latent_dist.mode()
+    return torch.cat([vae.encode(to_tensor(images[i:i + batch]).to(vae.device)).latent_dist.mode().cpu()
                       for i in range(0, len(images), batch)])
 
 
@@ -211,7 +212,7 @@ def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
     """(n, 77, hidden) last hidden states, exactly as StableDiffusionPipeline computes them."""
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    return torch.cat([text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
+    return torch.cat([text_encoder(ids[i:i + 256].to(text_encoder.device))[0].cpu() for i in range(0, len(ids), 256)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,18 +223,22 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
                dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
                layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1, init=None,
                text_encoder=None, ids: torch.Tensor | None = None, empty_ids: torch.Tensor | None = None,
-               zero_snr: bool = False):
+               zero_snr: bool = False, device: str = "cpu", minutes: float | None = None):
     """Epsilon-prediction UNet on cached latents with min-SNR weighting and EMA. `init`: a UNet to
     start from (a second stage) instead of a fresh one. With `text_encoder` (and the captions' token
     `ids`), the text encoder's transformer layers train with the UNet (its token embedding table stays
-    at its init) and `on_eval`/the result get (unet, text_encoder); otherwise the cached `emb` is read."""
+    at its init) and `on_eval`/the result get (unet, text_encoder); otherwise the cached `emb` is read.
+    `minutes`: a time budget instead of `steps` (steps 10-50 are timed, then the total is fixed and
+    returned, so `steps=` that number reproduces the run). Random numbers come from the CPU
+    generator `gen` whatever the device, so a run is the same on CPU and CUDA up to float order.
+    Returns (unet, text_encoder or None, steps)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     unet = init.float().train().requires_grad_(True) if init is not None else \
         UNet2DConditionModel.from_config(unet_config(layers_per_block, heads))
-    unet.set_default_attn_processor()  # SDPA: faster than the classic bmm processor with several heads (measured)
+    unet.to(device).set_default_attn_processor()  # SDPA: faster than the classic bmm processor with several heads (measured)
     params = list(unet.parameters())
     if text_encoder is not None:
-        text_encoder.float().train().requires_grad_(True)
+        text_encoder.float().to(device).train().requires_grad_(True)
         text_encoder.get_input_embeddings().requires_grad_(False)
         params += [p for p in text_encoder.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
@@ -244,24 +249,39 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         weight_t = torch.clamp(snr + 1, max=snr_gamma) / (snr + 1)
     else:         # min-SNR for epsilon prediction
         weight_t = torch.clamp(snr, max=snr_gamma) / snr
+    weight_t = weight_t.to(device)
+    latents, emb, empty = latents.to(device), emb.to(device), empty.to(device)
+    if text_encoder is not None:
+        ids, empty_ids = ids.to(device), empty_ids.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
     n = len(latents)
-    for step in range(steps):
+    step, timer = 0, None
+    while step < steps or minutes:
+        if minutes and step in (10, 50):   # 10: past CUDA's first-call setup; 50: still in the warmup
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            if step == 10:
+                timer = time.perf_counter()
+            else:
+                per_step = (time.perf_counter() - timer) / 40
+                steps, minutes = max(100, int(minutes * 60 / per_step) // 100 * 100), None
+                log(f"unet: {per_step * 1000:.1f} ms/step, so {steps} steps fit the time budget")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
         idx = torch.randint(0, n, (batch,), generator=gen)
-        x0 = latents[idx]
-        drop = torch.rand(batch, generator=gen) < dropout
+        x0 = latents[idx.to(device)]
+        drop = (torch.rand(batch, generator=gen) < dropout).to(device)
         if text_encoder is not None:
-            tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), ids[caption_idx[idx]])
+            tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), ids[caption_idx[idx].to(device)])
             cond = text_encoder(tok)[0]
         else:
-            cond = emb[caption_idx[idx]]
+            cond = emb[caption_idx[idx].to(device)]
             cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=gen)
         if noise_offset:  # see --noise-offset
             noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        noise = noise.to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen).to(device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, cond).sample
         target = sched.get_velocity(x0, noise, t) if zero_snr else noise
@@ -276,15 +296,16 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
             log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
         if on_eval and eval_every and step and step % eval_every == 0:
             on_eval(*_ema_copy(unet, text_encoder, ema), step)
+        step += 1
     unet, text_encoder = _ema_copy(unet, text_encoder, ema)
-    return round_fp16_(unet), text_encoder and round_fp16_(text_encoder)
+    return round_fp16_(unet), text_encoder and round_fp16_(text_encoder), steps
 
 
 def _ema_copy(unet, text_encoder, ema):
     """Fresh (unet, text_encoder or None) holding the EMA weights, in eval mode."""
     import copy
     from diffusers import UNet2DConditionModel
-    out = UNet2DConditionModel.from_config(unet.config)
+    out = UNet2DConditionModel.from_config(unet.config).to(unet.device)
     te = copy.deepcopy(text_encoder) if text_encoder is not None else None
     trained = list(out.parameters()) + ([p for p in te.parameters() if p.requires_grad] if te is not None else [])
     with torch.no_grad():
@@ -342,10 +363,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1, ...); data and "
+                   "random numbers stay on the CPU, so the result does not depend on it beyond float order")
+    p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--scenes", type=int, default=16000, help="captioned scenes for the UNet (and VAE)")
     p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-minutes", type=float, default=None,
+                   help="train the UNet for about this long instead of --unet-steps (the steps it chose are logged "
+                        "and written to the model card; --unet-steps with that number repeats the run)")
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--layers-per-block", type=int, default=1, help="UNet resnets per down block (SD1.5: 2)")
@@ -390,14 +417,14 @@ def main(argv=None) -> int:
     vae_cached = bool(a.vae_cache and (a.vae_cache / "config.json").is_file())
     if vae_cached:
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(a.vae_cache).float().eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(a.vae_cache).float().to(a.device).eval().requires_grad_(False)
         log(f"vae loaded from {a.vae_cache}")
     else:
-        vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=32, crop=32,
-                        full_steps=a.vae_steps // 10, lr=2e-3, gen=gen_vae)
+        vae = train_vae(np.concatenate([images[:n_vae_scenes], broad]), a.vae_steps, batch=a.vae_batch,
+                        crop=32, full_steps=a.vae_steps // 10, lr=2e-3, gen=gen_vae, device=a.device)
     if a.decoder_steps:
-        vae = finetune_decoder(vae, np.concatenate([images[:n_vae_scenes], broad]), a.decoder_steps, batch=32,
-                               lr=5e-4, gen=gen_vae)
+        vae = finetune_decoder(vae, np.concatenate([images[:n_vae_scenes], broad]), a.decoder_steps,
+                               batch=a.vae_batch, lr=5e-4, gen=gen_vae, device=a.device)
     if a.vae_cache and not vae_cached:
         vae.save_pretrained(a.vae_cache)
     val_rng = np.random.default_rng(a.seed + 1)
@@ -410,10 +437,11 @@ def main(argv=None) -> int:
     latents = latents * scaling
     log(f"latents {tuple(latents.shape)}, scaling_factor {scaling:.4f}")
 
-    text_encoder, tokenizer = build_text_encoder(a.seed), load_tokenizer()
+    text_encoder, tokenizer = build_text_encoder(a.seed).to(a.device), load_tokenizer()
     if a.init_unet:   # a second stage also continues the first one's text encoder (trained or not)
         from transformers import CLIPTextModel
-        text_encoder = CLIPTextModel.from_pretrained(a.init_unet / "text_encoder").float().eval().requires_grad_(False)
+        text_encoder = CLIPTextModel.from_pretrained(a.init_unet / "text_encoder").float().to(a.device).eval()
+        text_encoder.requires_grad_(False)
     captions = sorted({s.caption for s in specs})
     index = {c: i for i, c in enumerate(captions)}
     emb = embed(text_encoder, tokenizer, captions)
@@ -439,15 +467,16 @@ def main(argv=None) -> int:
     te_kw = {}
     if a.train_text_encoder:
         te_kw = dict(text_encoder=text_encoder, ids=token_ids(tokenizer, captions), empty_ids=token_ids(tokenizer, [""]))
-    unet, trained_te = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch, lr=a.unet_lr,
+    unet, trained_te, a.unet_steps = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch,
+                                  lr=a.unet_lr, device=a.device, minutes=a.unet_minutes,
                                   init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
                                   layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
-                                  zero_snr=a.zero_snr,
-                                  **te_kw)
+                                  zero_snr=a.zero_snr, **te_kw)
     text_encoder = trained_te or text_encoder
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling, a.zero_snr)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in ("out", "vae_cache")}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                if k not in ("out", "vae_cache", "unet_minutes")}
     origin = f"its UNet continued from {a.init_unet}" if a.init_unet else "trained from scratch"
     card = (f"# tiny-sd\n\nThe embedded base model of sdlora: SD1.5's module structure at small widths, "
             f"{origin} on procedural scenes by\n`python -m tools.make_base_model "
