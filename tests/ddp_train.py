@@ -20,11 +20,9 @@ trainer_mod.atomic_save_file = lambda *a, **k: (writes.append(str(a[1])), real_s
 ckpt.save_checkpoint = lambda *a, **k: (writes.append(str(a[0])), real_ckpt(*a, **k))[1]
 
 cfg = tiny_cfg(work, steps=3, batch_size=1, save_every=2, train_text_encoder=True)
-t = Trainer(cfg, base=tiny_pipeline("sd1"))
 seen = []
-real_micro = t._micro_batch
-t._micro_batch = lambda batch, epoch, m: (seen.extend((epoch, s.slot, s.item) for s in batch),
-                                          real_micro(batch, epoch, m))[1]
+t = Trainer(cfg, base=tiny_pipeline("sd1"),
+            on_micro_batch=lambda epoch, batch: seen.extend((epoch, s.slot, s.item) for s in batch))
 t.prepare()
 result = t.run()
 rank = t.accel.process_index

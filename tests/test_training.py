@@ -409,3 +409,19 @@ def test_resolution_zero_is_the_base_models_native_size(tmp_path):
     assert plan.resolution == f"{native} px (the base model's native size)"
     assert f"resolution: {native} px (the base model's native size)" in plan.describe()
     assert set(plan.buckets) == {(native, native)}
+
+
+def test_data_order_hook_sees_every_image_once_per_epoch_and_reproduces(tmp_path):
+    """on_micro_batch observes the data stream: 4 images at batch 2 with grad_accum 2 are one epoch
+    per step, every image once in each, the same order for the same seed."""
+    def order(run):
+        seen = []
+        cfg = tiny_cfg(tmp_path / run, steps=3, batch_size=2, grad_accum=2, save_every=0, preview=False)
+        Trainer(cfg, base=tiny_pipeline("sd1"),
+                on_micro_batch=lambda epoch, batch: seen.extend((epoch, s.item) for s in batch)).run()
+        return seen
+    first = order("a")
+    assert len(first) == 3 * 2 * 2                    # steps x micro-batches x batch
+    for epoch in range(3):
+        assert sorted(i for e, i in first if e == epoch) == [0, 1, 2, 3]
+    assert order("b") == first

@@ -33,11 +33,15 @@ GROUPS = ("data", "network", "optimization", "loss", "prior", "speed", "output",
 
 
 def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cli: bool = True, aliases=(),
-        repeat: bool = False):
-    """A config field: its default and the metadata every front end derives from (`repeat`: a list
-    flag that may be given several times, each adding values)."""
+        repeat: bool = False, resume: str | None = None, ui: str | None = None, path: bool = False):
+    """A config field: its default and the metadata every front end derives from. `repeat`: a list
+    flag that may be given several times, each adding values. `resume`: a resumed run must keep
+    this value, because it shapes the network ("network") or the data/optimizer stream ("stream").
+    `ui`: "main" (shown first in the UI's form) or "managed" (set by the UI from its own folders,
+    never typed in). `path`: a filesystem path, which a front end confines to its allowed roots."""
+    assert resume in (None, "network", "stream") and ui in (None, "main", "managed")
     meta = {"help": help, "group": group, "choices": choices, "low": low, "high": high, "cli": cli,
-            "aliases": tuple(aliases), "repeat": repeat}
+            "aliases": tuple(aliases), "repeat": repeat, "resume": resume, "ui": ui, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,66 +51,66 @@ def opt(default, help: str, group: str, *, choices=None, low=None, high=None, cl
 class TrainConfig:
     # --- data ---
     data_dir: str = opt("", "folder of training images; subfolders named `N_name` (kohya) repeat their images N "
-                            "times per epoch (the CLI's FOLDER argument)", "data", cli=False)
-    trigger: str = opt("", "trigger word put first in every caption (and the caption of images without one)", "data")
+                            "times per epoch (the CLI's FOLDER argument)", "data", cli=False, ui="managed", path=True)
+    trigger: str = opt("", "trigger word put first in every caption (and the caption of images without one)", "data", ui="main")
     class_word: str = opt("", "class word after the trigger for images without a caption file, e.g. `style` "
-                              "(DreamBooth's `sks dog` pattern)", "data")
+                              "(DreamBooth's `sks dog` pattern)", "data", ui="main")
     caption_extensions: list = opt([".txt", ".caption"], "sidecar caption file extensions, first found wins "
                                    "(kohya reads .caption by default, most taggers write .txt: both)", "data")
-    repeats: int = opt(1, "repeats for images in folders without an `N_` prefix (kohya num_repeats)", "data", low=1)
+    repeats: int = opt(1, "repeats for images in folders without an `N_` prefix (kohya num_repeats)", "data", low=1, resume="stream")
     resolution: int = opt(0, "training resolution: buckets keep about resolution² pixels (0: the base "
                              "model's native size, its UNet sample size x VAE scale: 64 for the embedded "
-                             "model, 512 SD1.x, 768 SD2 v-models, 1024 SDXL)", "data", low=0)
+                             "model, 512 SD1.x, 768 SD2 v-models, 1024 SDXL)", "data", low=0, resume="stream", ui="main")
     buckets: bool = opt(True, "aspect-ratio buckets (kohya --enable_bucket); off: every image is cropped "
-                              "square", "data")
+                              "square", "data", resume="stream")
     bucket_step: int = opt(64, "bucket sides are multiples of this (kohya bucket_reso_steps=64); raised to "
-                               "the model's latent granularity when smaller", "data", low=8)
+                               "the model's latent granularity when smaller", "data", low=8, resume="stream")
     min_bucket_reso: int = opt(0, "smallest bucket side in px (0: resolution/2; kohya's fixed default is 256 at "
-                                  "512)", "data", low=0)
-    max_bucket_reso: int = opt(0, "largest bucket side in px (0: resolution*2; kohya: 1024 at 512)", "data", low=0)
+                                  "512)", "data", low=0, resume="stream")
+    max_bucket_reso: int = opt(0, "largest bucket side in px (0: resolution*2; kohya: 1024 at 512)", "data", low=0, resume="stream")
     min_image_size: int = opt(0, "skip images whose shorter side is below this many px (0: resolution/4; "
                                  "upscaling more than 4x only teaches blur)", "data", low=0)
     crop: str = opt("center", "crop to the bucket: center, or random (random crops cannot be cached)", "data",
-                    choices=["center", "random"])
+                    choices=["center", "random"], resume="stream")
     random_flip: bool = opt(False, "flip images horizontally at random (kohya flip_aug, off by default; bad for "
-                                   "asymmetric subjects or text)", "data")
+                                   "asymmetric subjects or text)", "data", resume="stream")
     shuffle_caption: bool = opt(False, "shuffle comma-separated caption tags each step (kohya "
-                                       "--shuffle_caption)", "data")
+                                       "--shuffle_caption)", "data", resume="stream")
     keep_tokens: int = opt(0, "leading caption tags kept in place when shuffling (kohya --keep_tokens; the "
-                              "trigger counts as one)", "data", low=0)
+                              "trigger counts as one)", "data", low=0, resume="stream")
     caption_dropout: float = opt(0.0, "probability of training a sample with an empty caption (kohya "
-                                      "caption_dropout_rate)", "data", low=0.0, high=1.0)
+                                      "caption_dropout_rate)", "data", low=0.0, high=1.0, resume="stream")
     # --- network ---
-    rank: int = opt(16, "LoRA rank (kohya network_dim); 16-32 is usual for styles", "network", low=1)
+    rank: int = opt(16, "LoRA rank (kohya network_dim); 16-32 is usual for styles", "network", low=1, resume="network", ui="main")
     alpha: float = opt(8.0, "LoRA alpha: updates are scaled by alpha/rank (kohya network_alpha; half the rank "
-                            "is the common style setting)", "network", low=0.0)
-    dropout: float = opt(0.0, "dropout on the LoRA input (kohya network_dropout)", "network", low=0.0, high=0.99)
+                            "is the common style setting)", "network", low=0.0, resume="network", ui="main")
+    dropout: float = opt(0.0, "dropout on the LoRA input (kohya network_dropout)", "network", low=0.0, high=0.99, resume="stream")
     unet_targets: list = opt(["attn"], "UNet modules: attn (to_q/k/v/out, diffusers' default), proj "
                                        "(proj_in/out), ff (feed-forward), conv (LoCon: resnets and samplers)",
-                             "network", choices=["attn", "proj", "ff", "conv"])
+                             "network", choices=["attn", "proj", "ff", "conv"], resume="network")
     conv_rank: int = opt(0, "rank of 3x3 conv layers for the conv target (kohya conv_dim; 0: off)", "network",
-                         low=0)
-    conv_alpha: float = opt(1.0, "alpha of 3x3 conv layers (kohya conv_alpha default 1)", "network", low=0.0)
+                         low=0, resume="network")
+    conv_alpha: float = opt(1.0, "alpha of 3x3 conv layers (kohya conv_alpha default 1)", "network", low=0.0, resume="network")
     train_text_encoder: bool = opt(False, "also train LoRA layers in the text encoder(s) (off: their "
-                                          "embeddings are cached)", "network")
+                                          "embeddings are cached)", "network", resume="network", ui="main")
     base_lora: list = opt([], "LoRA files applied to the base before training, PATH or PATH:WEIGHT (weight "
                               "default 1.0; repeat the flag for a stack): the new LoRA trains on top of that mix "
-                              "(kohya --base_weights / --base_weights_multiplier)", "network", repeat=True)
+                              "(kohya --base_weights / --base_weights_multiplier)", "network", repeat=True, resume="stream")
     text_targets: list = opt(["attn"], "text-encoder modules: attn (q/k/v/out_proj), mlp (fc1/fc2)",
-                             "network", choices=["attn", "mlp"])
+                             "network", choices=["attn", "mlp"], resume="network")
     # --- optimization ---
     steps: int = opt(1600, "total optimizer steps (kohya max_train_steps default 1600); epochs are derived",
-                     "optimization", low=1)
+                     "optimization", low=1, ui="main")
     epochs: int = opt(0, "train this many epochs instead of --steps (0: use --steps)", "optimization", low=0)
-    batch_size: int = opt(1, "images per step and process (kohya train_batch_size)", "optimization", low=1)
-    grad_accum: int = opt(1, "gradient accumulation micro-batches per optimizer step", "optimization", low=1)
+    batch_size: int = opt(1, "images per step and process (kohya train_batch_size)", "optimization", low=1, resume="stream")
+    grad_accum: int = opt(1, "gradient accumulation micro-batches per optimizer step", "optimization", low=1, resume="stream")
     unet_lr: float = opt(1e-4, "UNet LoRA learning rate (kohya learning_rate default 1e-4)", "optimization",
-                         low=0.0)
+                         low=0.0, resume="stream", ui="main")
     text_encoder_lr: float = opt(5e-5, "text-encoder LoRA learning rate (half the UNet's, the usual "
-                                       "kohya setting)", "optimization", low=0.0)
+                                       "kohya setting)", "optimization", low=0.0, resume="stream", ui="main")
     optimizer: str = opt("adamw", "adamw (torch), adamw8bit (bitsandbytes; falls back to adamw with a warning "
                                   "when it cannot load), prodigy (prodigyopt; use lr 1.0)", "optimization",
-                         choices=["adamw", "adamw8bit", "prodigy"])
+                         choices=["adamw", "adamw8bit", "prodigy"], resume="stream")
     weight_decay: float = opt(1e-2, "AdamW weight decay (torch/diffusers default 1e-2)", "optimization", low=0.0)
     adam_beta1: float = opt(0.9, "Adam beta1", "optimization", low=0.0, high=1.0)
     adam_beta2: float = opt(0.999, "Adam beta2", "optimization", low=0.0, high=1.0)
@@ -114,45 +118,45 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm (kohya/diffusers default 1.0; 0: off)",
                                "optimization", low=0.0)
     lr_scheduler: str = opt("constant", "learning-rate schedule after warmup (kohya/diffusers default "
-                                        "constant)", "optimization", choices=["constant", "cosine", "linear"])
-    lr_warmup_steps: int = opt(0, "linear warmup steps", "optimization", low=0)
+                                        "constant)", "optimization", choices=["constant", "cosine", "linear"], resume="stream")
+    lr_warmup_steps: int = opt(0, "linear warmup steps", "optimization", low=0, resume="stream")
     seed: int = opt(42, "seed for LoRA init, data order, noise and timesteps (fixed so runs reproduce)",
-                    "optimization", low=0)
+                    "optimization", low=0, resume="stream")
     # --- loss ---
     min_snr_gamma: float = opt(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023 recommend 5; 0: off)",
-                               "loss", low=0.0)
+                               "loss", low=0.0, resume="stream")
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 lets the model learn very dark/bright images; "
-                                   "0: off)", "loss", low=0.0)
+                                   "0: off)", "loss", low=0.0, resume="stream")
     prediction_type: str = opt("auto", "training target: auto (from the scheduler config), epsilon or "
-                                       "v_prediction", "loss", choices=["auto", "epsilon", "v_prediction"])
+                                       "v_prediction", "loss", choices=["auto", "epsilon", "v_prediction"], resume="stream")
     clip_skip: int = opt(1, "use the text encoder's n-th last layer (SD1 only; 2 for anime-style bases)",
                          "loss", low=1)
     # --- prior preservation (DreamBooth) ---
-    prior_preservation: bool = opt(False, "DreamBooth prior preservation with class images", "prior")
+    prior_preservation: bool = opt(False, "DreamBooth prior preservation with class images", "prior", ui="main")
     class_data_dir: str = opt("", "folder of class images (missing ones are generated with the base model; "
-                                  "default: <output>-class-images)", "prior")
+                                  "default: <output>-class-images)", "prior", path=True)
     class_prompt: str = opt("", "prompt of the class images (default: the class word)", "prior")
     num_class_images: int = opt(100, "class images wanted (diffusers default 100)", "prior", low=1)
     prior_loss_weight: float = opt(1.0, "weight of the class-image loss (kohya/diffusers default 1.0)",
-                                   "prior", low=0.0)
+                                   "prior", low=0.0, resume="stream")
     # --- speed / precision ---
     mixed_precision: str = opt("no", "no (fp32), fp16 or bf16: base weights are stored in that dtype, LoRA "
                                      "weights stay fp32", "speed", choices=["no", "fp16", "bf16"])
-    base_precision: str = opt(precisions.DEFAULT, precisions.HELP, "speed", choices=list(precisions.CHOICES))
+    base_precision: str = opt(precisions.DEFAULT, precisions.HELP, "speed", choices=list(precisions.CHOICES), resume="stream")
     gradient_checkpointing: bool = opt(False, "trade compute for memory in the UNet", "speed")
     cache_latents: str = opt("memory", "encode every image once with the VAE and keep the latents in memory "
                                        "or on disk (none: encode each step)", "speed",
                              choices=["none", "memory", "disk"])
     cache_text: bool = opt(True, "keep the frozen text encoders' outputs per caption in memory (ignored when "
                                  "they are trained or captions are shuffled)", "speed")
-    cache_dir: str = opt("", "where disk caches go (default: <output>-cache)", "speed")
+    cache_dir: str = opt("", "where disk caches go (default: <output>-cache)", "speed", ui="managed", path=True)
     vae_batch_size: int = opt(4, "images per VAE encode while caching", "speed", low=1)
     device: str = opt("auto", "auto (accelerate's choice: GPU when present), cpu or cuda", "speed",
                       choices=["auto", "cpu", "cuda"])
     # --- output ---
-    output: str = opt("", "the LoRA file to write (.safetensors)", "output", aliases=("--out", "-o"))
+    output: str = opt("", "the LoRA file to write (.safetensors)", "output", aliases=("--out", "-o"), ui="managed", path=True)
     base: str = opt("", ("base model: a diffusers folder, a single-file .safetensors/.ckpt checkpoint (SD1.x/SD2.x/SDXL) "
-                           "or a hub id owner/name (default: the embedded tiny model)"), "output")
+                           "or a hub id owner/name (default: the embedded tiny model)"), "output", ui="managed")
     family: str = opt("auto", "expected base family (sd1, sd2, sdxl): a different base is an error", "output",
                       choices=["auto", "sd1", "sd2", "sdxl"])
     save_format: str = opt("kohya", "kohya (A1111/ComfyUI/Civitai) or diffusers key names", "output",
@@ -162,9 +166,9 @@ class TrainConfig:
     save_every: int = opt(0, "write a checkpoint every N steps (0: only at the end)", "output", low=0)
     keep_checkpoints: int = opt(0, "keep only the newest N step checkpoints (0: keep all)", "output", low=0)
     checkpoint_dir: str = opt("", "where checkpoints and sample images go (default: checkpoints/<name>/ in "
-                                  "the current folder, never the LoRA folder)", "output")
+                                  "the current folder, never the LoRA folder)", "output", ui="managed", path=True)
     resume: str = opt("", "continue from a checkpoint folder with the options stored in it (`sdlora train "
-                          "--resume DIR` alone; the result equals an uninterrupted run)", "output")
+                          "--resume DIR` alone; the result equals an uninterrupted run)", "output", ui="managed", path=True)
     preview: bool = opt(True, "write <name>.preview.png beside the LoRA (A1111's card image): the last sample, "
                               "or one image rendered at the end", "output")
     comment: str = opt("", "free text stored as ss_training_comment", "output")
@@ -273,11 +277,19 @@ def fields() -> list[dataclasses.Field]:
 
 
 def form_fields() -> list[dict]:
-    """Everything a UI needs to build a form: name, type, default, help, group, choices, limits."""
+    """Everything a UI needs to build a form: name, type, default, help, group, choices, limits,
+    placement (`ui`) and path-ness."""
     hints = _hints()
     default = TrainConfig()
     return [{"name": f.name, "type": hints[f.name].__name__, "default": getattr(default, f.name),
-             **{k: f.metadata[k] for k in ("help", "group", "choices", "low", "high")}} for f in fields()]
+             **{k: f.metadata[k] for k in ("help", "group", "choices", "low", "high", "ui", "path")}}
+            for f in fields()]
+
+
+def option_names(**facts) -> tuple[str, ...]:
+    """Names of the options whose declaration has all these facts, in declaration order, e.g.
+    option_names(resume="network")."""
+    return tuple(f.name for f in fields() if all(f.metadata[k] == v for k, v in facts.items()))
 
 
 # ---------------------------------------------------------------------------------------------

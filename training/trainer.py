@@ -48,20 +48,13 @@ from sdlora.quant import quantize_pipeline
 from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
-from sdlora.training.config import TrainConfig, absolute_paths, base_lora_spec
+from sdlora.training.config import TrainConfig, absolute_paths, base_lora_spec, option_names
 from sdlora.training.control import CallbackList, Progress, TrainingControl
 from sdlora.training.metadata import addnet_hashes, build_metadata
 from sdlora.training.optim import build_optimizer, build_scheduler
 from sdlora.training.plan import Plan, make_plan
 from sdlora.training.sampling import ensure_class_images, generate, save_png
 
-# options a resumed run must share with its checkpoint (they change the network or the data stream)
-NETWORK_KEYS = ("rank", "alpha", "unet_targets", "conv_rank", "conv_alpha", "train_text_encoder", "text_targets")
-STREAM_KEYS = ("seed", "batch_size", "grad_accum", "resolution", "buckets", "bucket_step", "min_bucket_reso",
-               "max_bucket_reso", "repeats", "random_flip", "crop", "shuffle_caption", "keep_tokens",
-               "caption_dropout", "unet_lr", "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps",
-               "min_snr_gamma", "noise_offset", "prediction_type", "prior_loss_weight", "dropout",
-               "base_precision", "base_lora")
 
 
 class TrainingError(SdloraError):
@@ -175,15 +168,55 @@ class DenoiserStep(nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, callbacks=None, control: TrainingControl | None = None, base=None):
+    def __init__(self, cfg: TrainConfig, callbacks=None, control: TrainingControl | None = None, base=None,
+                 on_micro_batch=None):
         self.cfg = cfg.validate()
+        # on_micro_batch(epoch, samples): called on every process for each micro-batch it trains on,
+        # before the forward pass (the data order is observable without patching the trainer)
+        self.on_micro_batch = on_micro_batch
         self.cb = CallbackList(callbacks)
         self.control = control or TrainingControl()
         self._base_arg = base          # a BaseModel or a diffusers pipeline (tests, the UI)
-        self.plan: Plan | None = None
-        self.network: LoRANetwork | None = None
-        self.last_checkpoint: Path | None = None
         self.stack_network = False     # hook on top of other jobs' networks (training.multi)
+        # The state, declared here and filled stage by stage; a later stage reads only what an
+        # earlier one filled (prepare() -> run(): _setup -> _start -> the step loop -> _finish).
+        # prepare(): the output, the accelerator, the base model on it, the data and the plan
+        self._created: list[Path] = []           # folders made for the output (removed on failure)
+        self.out: Path | None = None
+        self.name = ""
+        self.ckpt_dir: Path | None = None
+        self.accel = None                        # accelerate.Accelerator
+        self.weight_dtype = torch.float32
+        self.resume_from: Path | None = None
+        self.base_loras: list = []
+        self.base: BaseModel | None = None
+        self.base_precision = ""
+        self.prediction_type = ""
+        self.noise_scheduler = None
+        self.resolution = 0
+        self.items: list = []
+        self.plan: Plan | None = None
+        # _setup(): the network, text encoding, caches, optimizer (self.model is the prepared DenoiserStep)
+        self.family = ""
+        self.network: LoRANetwork | None = None
+        self.encode = None
+        self.cache_text = False
+        self.vae_encoder: VaeEncoder | None = None
+        self.latents: LatentCache | None = None
+        self.embeddings: EmbeddingCache | None = None
+        self.offloaded: list = []                # models moved off the accelerator while training
+        self.model = self.optimizer = self.lr_scheduler = None
+        self.optimizer_desc = ""
+        self.params: list = []
+        # _start() and the loop: position, losses, the last outputs
+        self.step = self.start_step = self.epoch = 0
+        self._epoch: int | None = None           # the epoch whose batches _epoch_batches holds
+        self._epoch_batches: list = []
+        self.t0 = 0.0
+        self.smoothed: float | None = None
+        self.losses: list = []
+        self.last_sample = None
+        self.last_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------------------------------
     # messages
@@ -215,7 +248,7 @@ class Trainer:
             raise
 
     def _remove_created(self) -> None:
-        for d in getattr(self, "_created", []):      # deepest first; stops at the first that is not empty
+        for d in self._created:      # deepest first; stops at the first that is not empty
             try:
                 d.rmdir()
             except OSError:
@@ -390,7 +423,7 @@ class Trainer:
             self._remove_created()
             raise
         finally:
-            if getattr(self, "offloaded", None):
+            if self.offloaded:
                 self._offload(False)        # hand the pipeline back whole (the UI generates with it)
 
     def _setup(self) -> None:
@@ -518,7 +551,7 @@ class Trainer:
     # one step
 
     def _batch(self, epoch: int) -> list:
-        if getattr(self, "_epoch", None) != epoch:
+        if self._epoch != epoch:
             world, rank = self.accel.num_processes, self.accel.process_index
             self._epoch_batches = ds.epoch_batches(self.items, self.cfg.batch_size, self.cfg.seed, epoch, world)[rank::world]
             self._epoch = epoch
@@ -538,6 +571,8 @@ class Trainer:
             batch, epoch, m = self._micro_at(j)
             sync = nullcontext() if j == accum - 1 else accel.no_sync(self.model)
             with sync:
+                if self.on_micro_batch is not None:
+                    self.on_micro_batch(epoch, batch)
                 loss = self._micro_batch(batch, epoch, m)
                 accel.backward(loss / accum)
             total += loss.detach() / accum
@@ -677,7 +712,7 @@ class Trainer:
     def _metadata(self, started: float, finished: float | None) -> dict:
         return build_metadata(cfg=self.cfg, family=self.family, prediction_type=self.prediction_type,
                               base_name=self.base.name, plan=self.plan, optimizer_desc=self.optimizer_desc,
-                              step=self.step, epoch=getattr(self, "epoch", 0) + 1, started_at=started,
+                              step=self.step, epoch=self.epoch + 1, started_at=started,
                               finished_at=finished, output_name=self.name, base_precision=self.base_precision) \
             | self._base_lora_metadata()
 
@@ -711,11 +746,11 @@ class Trainer:
             raise FamilyMismatchError(f"checkpoint {self.resume_from} was trained on {st['family']}, the base "
                                       f"model is {self.family}; resume with the same --base")
         old = st["config"]
-        changed = [k for k in NETWORK_KEYS if old.get(k) != getattr(cfg, k)]
+        changed = [k for k in option_names(resume="network") if old.get(k) != getattr(cfg, k)]
         if changed:
             raise SdloraError(f"cannot resume {self.resume_from}: the network options differ ({', '.join(changed)}: "
                               f"{[old.get(k) for k in changed]} in the checkpoint)")
-        drift = [k for k in STREAM_KEYS if old.get(k) != getattr(cfg, k)]
+        drift = [k for k in option_names(resume="stream") if old.get(k) != getattr(cfg, k)]
         if st["num_processes"] != self.accel.num_processes:
             drift.append("number of processes")
         if st["total_steps"] != self.plan.total_steps:

@@ -16,20 +16,21 @@ from pathlib import Path
 import gradio as gr
 
 from sdlora.errors import SdloraError
-from sdlora.training.config import GROUPS, build_config, form_fields, load_preset, presets
+from sdlora.training.config import GROUPS, build_config, form_fields, load_preset, option_names, presets
 from sdlora.ui.common import error_html, status_html
 from sdlora.ui.jobs import Job, SharingControl, run_training
 from sdlora.ui.paths import import_training_upload, safe_name, unique_folder
 
-# shown at the top; every other option goes to "Advanced", grouped as in the config
-MAIN = ("trigger", "class_word", "rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "resolution",
-        "train_text_encoder", "prior_preservation")
+# where each option goes is declared with the option (training/config.py: ui=, path=): "main" ones at
+# the top, every other one in "Advanced", grouped as in the config; "managed" ones are set by the tab
+# from the folders it controls (the page never names these paths); other paths are confined to the
+# allowed roots
+MAIN = option_names(ui="main")
+MANAGED = option_names(ui="managed")
+PATH_FIELDS = tuple(n for n in option_names(path=True) if n not in MANAGED)
 LOSS, SMOOTHED = "loss per step", "smoothed loss (EMA 0.9)"      # the plot's legend
 # keeps the log's newest line in view (a value update alone leaves the textarea scrolled up)
 SCROLL_LOG_JS = "() => { const t = document.querySelector('#train-log textarea'); if (t) t.scrollTop = t.scrollHeight; }"
-# set by the tab from the folders it controls (the page never names these paths)
-MANAGED = ("data_dir", "output", "base", "resume", "checkpoint_dir", "cache_dir")
-PATH_FIELDS = ("class_data_dir",)   # confined to the allowed roots
 SOURCES = ("folder", "upload", "several folders")   # several: one LoRA per folder, trained in one run
 
 
