@@ -109,6 +109,17 @@ def _flattened_clip(model) -> bool:
     return type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model")
 
 
+def clip_layouts(name: str) -> tuple[str, ...]:
+    """A CLIP text-encoder module name as given, then in the other layout: transformers 4 nests the
+    model under `text_model.`, transformers 5 does not (`text_projection` is outside it in both).
+    Files name modules either way; canonical names always have the level."""
+    if name.startswith("text_model."):
+        return name, name[len("text_model."):]
+    if not name or name.startswith("text_projection"):
+        return (name,)
+    return name, "text_model." + name
+
+
 def canonical_name(component: str, model, live_name: str) -> str:
     """Canonical path of a live module name of `model` (the `component` of a pipeline)."""
     if component != "unet" and _flattened_clip(model):

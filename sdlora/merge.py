@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from sdlora.adapters import LoRA
 from sdlora.errors import SdloraError
-from sdlora.families import TEXT_ENCODERS, family_of_unet_config, get_family, module_table
+from sdlora.families import TEXT_ENCODERS, clip_layouts, family_of_unet_config, get_family, module_table
 from sdlora.atomic import as_oserror, atomic_save_file, clean_stale, replace_dir, temp_dir, umask
 from sdlora.formats.writer import lora_state_dict
 from sdlora.paths import explain_oserror, scan_tree
@@ -273,11 +273,8 @@ def _file_keys(comp_dir: Path) -> dict[str, list[Path]]:
 
 def _tensor_names(path: str) -> list[str]:
     """Names a module's weight may have in a saved component (transformers 4.x or 5.x CLIP layout)."""
-    name = path.partition(".")[2]
-    names = [name]
-    if path.partition(".")[0] in TEXT_ENCODERS and name.startswith("text_model."):
-        names.append(name[len("text_model."):])
-    return names
+    comp, _, name = path.partition(".")
+    return list(clip_layouts(name)) if comp in TEXT_ENCODERS else [name]
 
 
 def _locate(paths, recipes, target: Target, base: Path):

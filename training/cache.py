@@ -8,8 +8,6 @@ upcast to fp32 and the batch re-encoded: training never sees NaNs.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from sdlora.atomic import atomic_write
 from sdlora.errors import SdloraError
 from sdlora.training import dataset as ds
 
@@ -116,15 +115,9 @@ class LatentCache:
 
     def _write(self, path: Path, lat: Latent) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"latent": lat.latent.contiguous(), "original_size": torch.tensor(lat.original_size),
-                       "crop_top_left": torch.tensor(lat.crop_top_left)}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        tensors = {"latent": lat.latent.contiguous(), "original_size": torch.tensor(lat.original_size),
+                   "crop_top_left": torch.tensor(lat.crop_top_left)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def __getitem__(self, key) -> Latent:
         return self.mem[key]

@@ -6,13 +6,12 @@ different steps are comparable.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from sdlora.atomic import atomic_write
 from sdlora.training.dataset import IMAGE_EXTENSIONS
 
 
@@ -41,15 +40,9 @@ def generate(pipe, prompts: list[str], *, seed: int, steps: int, cfg: float, siz
     return images
 
 
-def save_png(image, path: Path) -> None:
-    """Atomic PNG write, with the normal file mode (mkstemp would make it 0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_png(image, path: Path) -> None:
+    """`image` as a PNG at `path`, atomically, with the normal file mode (sdlora.atomic)."""
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def count_images(folder: Path) -> int:
@@ -66,7 +59,7 @@ def ensure_class_images(pipe, folder: Path, prompt: str, wanted: int, *, seed: i
     made = 0
     for k in range(have, wanted):
         img = generate(pipe, [prompt], seed=seed + 100_000 + k, steps=steps, cfg=cfg, size=size, autocast=autocast)[0]
-        save_png(img, folder / f"class-{k:05d}.png")
+        write_png(img, folder / f"class-{k:05d}.png")
         made += 1
         if progress:
             progress(made, wanted - have)

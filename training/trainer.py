@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -37,7 +35,7 @@ import torch
 from torch import nn
 
 from sdlora.errors import FamilyMismatchError, SdloraError
-from sdlora.atomic import atomic_save_file
+from sdlora.atomic import atomic_save_file, temp_file
 from sdlora.network import LoRANetwork, NetworkSpec
 from sdlora.training import checkpoint as ckpt
 from sdlora.training import dataset as ds
@@ -53,7 +51,7 @@ from sdlora.training.control import CallbackList, Progress, TrainingControl
 from sdlora.training.metadata import addnet_hashes, build_metadata
 from sdlora.training.optim import build_optimizer, build_scheduler
 from sdlora.training.plan import Plan, make_plan
-from sdlora.training.sampling import ensure_class_images, generate, save_png
+from sdlora.training.sampling import ensure_class_images, generate, write_png
 
 
 
@@ -94,9 +92,7 @@ def check_output(path: str) -> Path:
         raise SdloraError(f"--out {path} is a folder; give a file name like {out / 'style.safetensors'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=".sdlora-write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        temp_file(out.parent, out.name).unlink()      # can a file be created there?
     except OSError as e:
         raise SdloraError(f"cannot write the LoRA to {out}: {e.strerror or e}; pick another --out") from None
     return out
@@ -702,7 +698,7 @@ class Trainer:
         paths = []
         for i, im in enumerate(images):
             p = folder / f"step-{self.step:06d}-{i:02d}.png"
-            save_png(im, p)
+            write_png(im, p)
             paths.append(p)
         self.cb.on_sample(self.step, images, paths)
 
@@ -792,7 +788,7 @@ class Trainer:
         if not self.main:
             return
         image = self.last_sample or self._generate(self.sample_prompts()[:1])[0]
-        save_png(image, self.out.with_name(self.name + ".preview.png"))
+        write_png(image, self.out.with_name(self.name + ".preview.png"))
 
 
 def train(cfg: TrainConfig, *, callbacks=None, control: TrainingControl | None = None, base=None) -> TrainResult:

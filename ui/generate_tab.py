@@ -302,7 +302,7 @@ def _wire_generate(ctx, c, infotexts, used_seed) -> None:
                                  batch_size=v[c["batch_size"]], batch_count=v[c["batch_count"]],
                                  progress=GradioProgress(progress), **{k: v[c[k]] for k in OPTION_FIELDS})
         except Exception as e:  # noqa: BLE001 - every failure is shown in the page
-            return [gr.skip(), gr.skip(), error_html(e, "Generation"), gr.skip(), gr.skip()]
+            return {c["status"]: error_html(e, "Generation")}   # the other outputs stay as they are
         return _shown(res, "")
 
     def on_compare(v, progress=gr.Progress()):
@@ -311,7 +311,7 @@ def _wire_generate(ctx, c, infotexts, used_seed) -> None:
                                 seed=v[c["seed"]], progress=GradioProgress(progress),
                                 **{k: v[c[k]] for k in OPTION_FIELDS})
         except Exception as e:  # noqa: BLE001
-            return [gr.skip(), gr.skip(), error_html(e, "Compare"), gr.skip(), gr.skip()]
+            return {c["status"]: error_html(e, "Compare")}   # the other outputs stay as they are
         return _shown(res, f"compared {len(res.paths)} mixes")
 
     c["go"].click(on_generate, common | {c["batch_size"], c["batch_count"]}, outputs, concurrency_limit=None,

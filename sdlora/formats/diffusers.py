@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from sdlora.families import COMPONENTS
+from sdlora.families import COMPONENTS, clip_layouts
 
 # file suffix -> normalized part name; matched longest first
 SUFFIXES = {
@@ -52,6 +52,6 @@ def candidates(module: str) -> list[str]:
     out = []
     for c, name in names:
         out.append(f"{c}.{name}")
-        if c != "unet" and not name.startswith("text_model.") and not name.startswith("text_projection"):
-            out.append(f"{c}.text_model.{name}")  # saved from a transformers-5 CLIPTextModel
+        if c != "unet":   # saved from a transformers-5 CLIPTextModel: canonical names have the text_model level
+            out += [f"{c}.{n}" for n in clip_layouts(name)[1:] if n.startswith("text_model.")]
     return out

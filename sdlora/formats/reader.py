@@ -21,7 +21,7 @@ import torch
 
 from sdlora.adapters import Adapter
 from sdlora.errors import FamilyMismatchError, LoraFormatError, UnmatchedKeysError
-from sdlora.families import get_family, module_table
+from sdlora.families import clip_layouts, get_family, module_table
 from sdlora.formats import comfy, diffusers, kohya
 from sdlora.formats.container import header_of_state_dict, load_tensors, read_header
 from sdlora.formats.detect import SD_FAMILIES, detect_family, refuse_non_lora
@@ -85,7 +85,7 @@ def _format_name(parsed: ParsedKeys, algorithms: set[str], metadata: dict[str, s
 def _peft_alpha(adapter_md: dict, path: str, rank: int) -> float | None:
     """alpha of a module from diffusers' `lora_adapter_metadata` (PEFT LoraConfig per component)."""
     comp, _, name = path.partition(".")
-    name_variants = (name, name[len("text_model."):] if name.startswith("text_model.") else name)
+    name_variants = clip_layouts(name)
     cfg = {k[len(comp) + 1:]: v for k, v in adapter_md.items() if k.startswith(comp + ".")}
     if not cfg:
         return None
