@@ -13,7 +13,7 @@
    allocator, bitsandbytes and the libraries are all counted, import baseline included); step time
    = median CPU time (`time.process_time`, one thread: the work done, robust to the other jobs on a
    shared machine) of the timed steps.
-2. The embedded model (sample_data/models/tiny-sd): training/eval_style.py's procedure on a style
+2. The embedded model (sample_data/models/tiny-sd): tools/eval_style.py's procedure on a style
    folder (base images, `tiny-cpu-demo` training, LoRA images on the same prompts and seeds, the
    style metric) with the fp32 base and with the NF4 base, same seeds. Headline: the LoRA images
    generated as the trainer leaves them (the LoRA on the base it was trained on); also printed,

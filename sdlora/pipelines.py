@@ -89,7 +89,7 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
         spec = EMBEDDED_MODEL
         if not (spec / "model_index.json").is_file():
             raise CheckpointError(f"the embedded model is missing at {spec}; reinstall sdlora or build it with "
-                                  "the two commands in training/make_base_model.py")
+                                  "python -m tools.make_base_model from a checkout (see tools/README.md)")
     path = Path(spec).expanduser()
     if path.is_symlink() and not path.exists():     # a broken link or a link loop: say which
         from sdlora.paths import check_input_file

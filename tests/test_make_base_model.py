@@ -1,4 +1,4 @@
-"""training/make_base_model.py end to end at smoke size (--quick): both stages write a loadable
+"""tools/make_base_model.py end to end at smoke size (--quick): both stages write a loadable
 pipeline folder with SD1.5 module names, the second stage keeps the first one's VAE and text
 encoder and starts from its UNet."""
 import json

@@ -4,8 +4,8 @@ weight 0.5 / LoRA at weight 1 on the same prompts (not in the captions) and seed
 
     python -m tools.style_figure --out docs/styles.png [--styles sample_data/styles] [--work DIR]
 
-Every number comes from training/eval_style.py (the images in the picture are the ones it scored);
-the trigger of a folder is training/make_styles.TRIGGERS' (else the folder's name + "style").
+Every number comes from tools/eval_style.py (the images in the picture are the ones it scored);
+the trigger of a folder is tools/make_styles.TRIGGERS' (else the folder's name + "style").
 Prints a Markdown table and writes WORK/report.json.
 """
 from __future__ import annotations
