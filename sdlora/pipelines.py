@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.errors import SdloraError
+from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.families import CONFIG_DIR, family_of_unet_config, get_family
 from sdlora.hashes import file_sha256
 from sdlora.sample_data import EMBEDDED_MODEL   # package data: found from any folder
@@ -78,14 +78,15 @@ class BaseModel:
 
 
 def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFIG_DIR,
-              base_precision: str | None = None) -> BaseModel:
-    """The base model named by `spec` (None: the embedded tiny model) on `device` in `dtype`.
+              base_precision: str | None = None, family: str = "auto") -> BaseModel:
+    """The base model named by `spec` (None or "": the embedded tiny model) on `device` in `dtype`.
+    `family` other than "auto": a base of another family is an error (FamilyMismatchError).
 
     `config_root` holds one config folder per family (default: the shipped real-size configs).
     `base_precision` (sdlora.quant: fp8, int8, nf4, ...) stores the UNet/text-encoder weights that
     way, quantized where loaded, before the move to `device`; None/"auto": as `dtype`.
     """
-    if spec is None:
+    if not spec:
         spec = EMBEDDED_MODEL
         if not (spec / "model_index.json").is_file():
             raise CheckpointError(f"the embedded model is missing at {spec}; reinstall sdlora or build it with "
@@ -106,8 +107,28 @@ def load_base(spec=None, *, device="cpu", dtype=torch.float32, config_root=CONFI
     if base_precision not in (None, "", "auto"):
         from sdlora.quant import quantize_pipeline
         quantize_pipeline(base.pipe, base_precision, dtype)
+    check_family(base, family)
     base.pipe.to(device)
     return base
+
+
+def check_family(base: BaseModel, expected_family: str = "auto") -> BaseModel:
+    """`base` itself, or a clear error when it is not the family the caller expects."""
+    if expected_family not in ("auto", "", None) and expected_family != base.family:
+        raise FamilyMismatchError(
+            f"base model {base.name} is {get_family(base.family).label} ({base.family}) but this training "
+            f"expects {get_family(expected_family).label} ({expected_family}); pick a matching --base or set "
+            "--family auto")
+    return base
+
+
+def as_base(obj, expected_family: str = "auto") -> BaseModel:
+    """A BaseModel from a BaseModel or a bare diffusers pipeline (tests, the UI), family-checked."""
+    if not isinstance(obj, BaseModel):
+        if not hasattr(obj, "unet") or not hasattr(obj, "vae"):
+            raise SdloraError(f"base model {type(obj).__name__} is not a Stable Diffusion pipeline (no UNet/VAE)")
+        obj = wrap_pipeline(obj, name=type(obj).__name__)
+    return check_family(obj, expected_family)
 
 
 # ---------------------------------------------------------------------------------------------

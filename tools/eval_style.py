@@ -130,9 +130,9 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     or None for the trainer's default base model. `shape_metric(image, shape) -> bool` checks the
     prompt's shape; `half` also scores the LoRA at weight 0.5."""
     import time
-    from sdlora.training.base import load_base
+    from sdlora.pipelines import load_base
     from sdlora.training.config import build_config
-    from sdlora.training.sampling import generate, save_png
+    from sdlora.training.sampling import generate, write_png
     from sdlora.training.trainer import Trainer
 
     style_dir, out_dir = Path(style_dir), Path(out_dir)
@@ -154,7 +154,7 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
         for seed in seeds:       # prompt i of seed s uses generator seed s*1000 + i
             batch = generate(pipe, full, seed=seed * 1000, steps=steps, cfg=cfg_scale, size=size)
             for i, im in enumerate(batch):
-                save_png(im, out_dir / f"{tag}-seed{seed}-p{i}.png")
+                write_png(im, out_dir / f"{tag}-seed{seed}-p{i}.png")
             ims += batch
         return ims
 

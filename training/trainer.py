@@ -40,10 +40,9 @@ from sdlora.network import LoRANetwork, NetworkSpec
 from sdlora.training import checkpoint as ckpt
 from sdlora.training import dataset as ds
 from sdlora.training import loss as L
-from sdlora.pipelines import BaseModel
+from sdlora.pipelines import BaseModel, as_base, load_base
 from sdlora.precisions import torch_dtype
 from sdlora.quant import quantize_pipeline
-from sdlora.training.base import as_base, load_base
 from sdlora.training.cache import EmbeddingCache, LatentCache, VaeEncoder, prepare_pixels
 from sdlora.training.conditioning import count_truncated, encode_captions, sdxl_time_ids
 from sdlora.training.config import TrainConfig, absolute_paths, base_lora_spec, option_names
@@ -333,7 +332,7 @@ class Trainer:
     def _load_base(self) -> BaseModel:
         b = self._base_arg
         if b is None:
-            return load_base(self.cfg.base, self.cfg.family)
+            return load_base(self.cfg.base, family=self.cfg.family)
         return as_base(b, self.cfg.family)
 
     def _place_models(self) -> None:
