@@ -55,3 +55,19 @@ def test_plain_diffusers_loads_the_shipped_model_with_one_dtype():
     out = pipe("a red circle", num_inference_steps=2, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and out.std() > 0
+
+
+def test_trigger_words_lead_a_fraction_of_captions_and_are_new_words():
+    import numpy as np
+    from tools import scenes as S
+    from tools.make_base_model import with_trigger_words
+    captions = [s.caption for s in S.scenes(np.random.default_rng(0), 1000)[1]]
+    out = with_trigger_words(captions, 0.5, np.random.default_rng(2))
+    assert out == with_trigger_words(captions, 0.5, np.random.default_rng(2))      # seeded
+    led = [(o, c) for o, c in zip(out, captions) if o != c]
+    assert 400 <= len(led) <= 600            # binomial(1000, 0.5): 6 standard deviations either side
+    vocabulary = {w for c in captions for w in c.split()}
+    for o, c in led:
+        word, _, rest = o.partition(", ")
+        assert rest == c and word.isalpha() and word not in vocabulary
+    assert with_trigger_words(captions, 0.0, np.random.default_rng(2)) == captions

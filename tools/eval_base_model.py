@@ -57,9 +57,12 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps=STEPS, 
     return images
 
 
-def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images: bool = False) -> dict:
+def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images: bool = False,
+             prefix: str = "") -> dict:
+    """Scores of the images for `pairs` (see prompts_for); `prefix` goes before every prompt (e.g. a
+    trigger word the model has never seen, as a style LoRA's prompts start)."""
     prompts = prompts_for(pairs)
-    images = generate_images(pipe, [p[0] for p in prompts], list(range(seeds)))
+    images = generate_images(pipe, [prefix + p[0] for p in prompts], list(range(seeds)))
     truth = [p[1:] for p in prompts for _ in range(seeds)]
     named = [(im, bg) for im, (_, _, bg) in zip(images, truth) if bg]
     result = {"images": len(images),
@@ -92,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--styles", type=Path, default=Path("sample_data/styles"),
                    help="folder of style folders: report VAE error and style scores on them")
+    p.add_argument("--prefix", default="zqx, ", help="also score held-out prompts that start with this "
+                   "unknown word, as a style LoRA's prompts start with its trigger word")
     p.add_argument("--device", default="cpu", help="torch device to generate on (cpu, cuda, ...)")
     p.add_argument("--grid", type=Path, default=None, help="save a PNG grid of the held-out images")
     a = p.parse_args(argv)
@@ -102,7 +107,8 @@ def main(argv=None) -> int:
     seen_pairs = [(c, s) for c in S.COLOURS for s in S.SHAPES if (c, s) not in S.HELD_OUT]
     seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None)
     images = held.pop("_images")
-    report = {"held_out_pairs": held, "seen_pairs": seen, "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
+    report = {"held_out_pairs": held, "seen_pairs": seen,
+              f"held_out_pairs after {a.prefix!r}": evaluate(pipe, seeds=a.seeds, log=None, prefix=a.prefix), "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
     report["vae_mse"] = vae_report(pipe.vae, a.styles)
     if a.styles:
         from tools.metrics import StyleMetric

@@ -358,6 +358,26 @@ def save(pipe, out: Path, card: str) -> None:
         raise
 
 
+def made_up_word(rng: np.random.Generator) -> str:
+    """A word no caption uses, spelled like the trigger words people give LoRAs (zqx, neonstyle)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    word = "".join(rng.choice(list(letters), size=int(rng.integers(3, 8))))
+    return word + ("style" if rng.random() < 0.3 else "")
+
+
+def with_trigger_words(captions: list[str], fraction: float, rng: np.random.Generator, pool: int = 400) -> list[str]:
+    """`fraction` of the captions get "WORD, " in front, WORD one of `pool` made-up words: a style
+    LoRA's prompts start with its trigger word, which the base has never seen; trained with such
+    words, the base keeps following the rest of the prompt when one leads it (without them, a
+    leading unknown word shifts every token's position and the tiny model loses colour and shape)."""
+    if not fraction:
+        return list(captions)
+    words = [made_up_word(rng) for _ in range(pool)]
+    picks = rng.random(len(captions)) < fraction
+    which = rng.integers(0, pool, len(captions))
+    return [f"{words[w]}, {c}" if pick else c for c, pick, w in zip(captions, picks, which)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
@@ -385,6 +405,8 @@ def main(argv=None) -> int:
                         "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: without an offset the "
                         "UNet reads the background from that leak and, when sampling from pure noise, from the "
                         "seed instead of the prompt")
+    p.add_argument("--trigger-words", type=float, default=0.0,
+                   help="fraction of captions that start with a made-up word (see with_trigger_words)")
     p.add_argument("--train-text-encoder", action="store_true",
                    help="train the text encoder's transformer layers with the UNet (token embeddings stay at their "
                         "seeded init); without it the encoder stays frozen at its random init")
@@ -442,11 +464,12 @@ def main(argv=None) -> int:
         from transformers import CLIPTextModel
         text_encoder = CLIPTextModel.from_pretrained(a.init_unet / "text_encoder").float().to(a.device).eval()
         text_encoder.requires_grad_(False)
-    captions = sorted({s.caption for s in specs})
+    scene_captions = with_trigger_words([s.caption for s in specs], a.trigger_words, np.random.default_rng(a.seed + 2))
+    captions = sorted(set(scene_captions))
     index = {c: i for i, c in enumerate(captions)}
     emb = embed(text_encoder, tokenizer, captions)
     empty = embed(text_encoder, tokenizer, [""])
-    caption_idx = torch.tensor([index[s.caption] for s in specs])
+    caption_idx = torch.tensor([index[c] for c in scene_captions])
     log(f"{len(captions)} distinct captions embedded")
 
     from tools.eval_base_model import evaluate

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from tools import eval_style as E
     metric, colour = E.default_metrics()
-    names, reports, rows = [], {}, []
+    names, reports, rows, n_prompts = [], {}, [], None
     for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
         trig = trigger_for(folder)
         r = E.evaluate(folder, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(), half=True,
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         names.append(folder.name)
         reports[folder.name] = json.loads(r.to_json())
         rows.append(table_row(folder.name, r))
-        n_prompts = len(r.prompts)
+        # a folder whose captions contain a default prompt scores one prompt fewer: show what all have
+        n_prompts = min(n_prompts or len(r.prompts), len(r.prompts))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     figure(a.work, names, n_prompts, list(range(min(2, a.seeds)))).save(a.out)
     (a.work / "report.json").write_text(json.dumps(reports, indent=1))
