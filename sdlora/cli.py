@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -44,6 +45,8 @@ def _quiet(loads_models: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")     # read when transformers is imported
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    # bitsandbytes logs a missing optional kernel package at import on some CPUs (avx512-bf16)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if loads_models:   # their progress-bar switches exist only once imported
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
