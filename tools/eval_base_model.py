@@ -107,8 +107,9 @@ def main(argv=None) -> int:
     seen_pairs = [(c, s) for c in S.COLOURS for s in S.SHAPES if (c, s) not in S.HELD_OUT]
     seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None)
     images = held.pop("_images")
-    report = {"held_out_pairs": held, "seen_pairs": seen,
-              f"held_out_pairs after {a.prefix!r}": evaluate(pipe, seeds=a.seeds, log=None, prefix=a.prefix), "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
+    after_prefix = evaluate(pipe, seeds=a.seeds, log=None, prefix=a.prefix)
+    report = {"held_out_pairs": held, "seen_pairs": seen, f"held_out_pairs after {a.prefix!r}": after_prefix,
+              "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
     report["vae_mse"] = vae_report(pipe.vae, a.styles)
     if a.styles:
         from tools.metrics import StyleMetric

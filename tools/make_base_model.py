@@ -250,7 +250,7 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
     else:         # min-SNR for epsilon prediction
         weight_t = torch.clamp(snr, max=snr_gamma) / snr
     weight_t = weight_t.to(device)
-    latents, emb, empty = latents.to(device), emb.to(device), empty.to(device)
+    latents, emb, empty, caption_idx = latents.to(device), emb.to(device), empty.to(device), caption_idx.to(device)
     if text_encoder is not None:
         ids, empty_ids = ids.to(device), empty_ids.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
@@ -268,14 +268,14 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
                 log(f"unet: {per_step * 1000:.1f} ms/step, so {steps} steps fit the time budget")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
-        idx = torch.randint(0, n, (batch,), generator=gen)
-        x0 = latents[idx.to(device)]
+        idx = torch.randint(0, n, (batch,), generator=gen).to(device)   # drawn on the CPU, used on the device
+        x0 = latents[idx]
         drop = (torch.rand(batch, generator=gen) < dropout).to(device)
         if text_encoder is not None:
-            tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), ids[caption_idx[idx].to(device)])
+            tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), ids[caption_idx[idx]])
             cond = text_encoder(tok)[0]
         else:
-            cond = emb[caption_idx[idx].to(device)]
+            cond = emb[caption_idx[idx]]
             cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=gen)
         if noise_offset:  # see --noise-offset
@@ -366,10 +366,11 @@ def made_up_word(rng: np.random.Generator) -> str:
 
 
 def with_trigger_words(captions: list[str], fraction: float, rng: np.random.Generator, pool: int = 400) -> list[str]:
-    """`fraction` of the captions get "WORD, " in front, WORD one of `pool` made-up words: a style
-    LoRA's prompts start with its trigger word, which the base has never seen; trained with such
-    words, the base keeps following the rest of the prompt when one leads it (without them, a
-    leading unknown word shifts every token's position and the tiny model loses colour and shape)."""
+    """`fraction` of the captions get "WORD, " in front, WORD one of `pool` made-up words. A style
+    LoRA's prompts start with its trigger word, which the base has never seen, and the shipped base
+    then loses colour and shape (eval_base_model's "after 'zqx, '" scores); these captions are meant
+    to teach the base to read past such a word. Measured so far (README): 0.5 of the captions did
+    not make held-out prompts robust to a new word."""
     if not fraction:
         return list(captions)
     words = [made_up_word(rng) for _ in range(pool)]

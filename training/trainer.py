@@ -53,7 +53,6 @@ from sdlora.training.plan import Plan, make_plan
 from sdlora.training.sampling import ensure_class_images, generate, write_png
 
 
-
 class TrainingError(SdloraError):
     """Training had to stop (NaN loss, ...); the message says what to do."""
 
