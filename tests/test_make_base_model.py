@@ -57,17 +57,23 @@ def test_plain_diffusers_loads_the_shipped_model_with_one_dtype():
     assert out.shape == (1, 64, 64, 3) and out.std() > 0
 
 
-def test_trigger_words_lead_a_fraction_of_captions_and_are_new_words():
+def test_prefixes_put_unknown_words_in_front_of_a_fraction_of_captions():
     import numpy as np
     from tools import scenes as S
-    from tools.make_base_model import with_trigger_words
-    captions = [s.caption for s in S.scenes(np.random.default_rng(0), 1000)[1]]
-    out = with_trigger_words(captions, 0.5, np.random.default_rng(2))
-    assert out == with_trigger_words(captions, 0.5, np.random.default_rng(2))      # seeded
-    led = [(o, c) for o, c in zip(out, captions) if o != c]
-    assert 400 <= len(led) <= 600            # binomial(1000, 0.5): 6 standard deviations either side
-    vocabulary = {w for c in captions for w in c.split()}
-    for o, c in led:
-        word, _, rest = o.partition(", ")
-        assert rest == c and word.isalpha() and word not in vocabulary
-    assert with_trigger_words(captions, 0.0, np.random.default_rng(2)) == captions
+    tok = M.load_tokenizer()
+    prefixes = M.Prefixes(tok, np.random.default_rng(2), 0.5, n=300)
+    again = M.Prefixes(tok, np.random.default_rng(2), 0.5, n=300)
+    assert prefixes.texts == again.texts                                       # seeded
+    for text in prefixes.texts:                # 1-3 words that no caption uses, then ", " or " "
+        words = text.rstrip(", ").split()
+        assert 1 <= len(words) <= 3 and not set(words) & S.caption_words()
+    captions = [s.caption for s in S.scenes(np.random.default_rng(0), 400)[1]]
+    ids = M.token_ids(tok, captions)
+    out = prefixes.apply(ids, torch.Generator().manual_seed(0))
+    led = 0
+    for row, caption in zip(out.tolist(), captions):
+        text = tok.decode(row, skip_special_tokens=True)
+        if text != caption:
+            led += 1
+            assert text.endswith(caption) and text[:-len(caption)].strip(" ,") and len(row) == 77
+    assert 140 <= led <= 260                 # binomial(400, 0.5): 6 standard deviations either side

@@ -191,10 +191,10 @@ def encode(vae, images: np.ndarray, batch: int = 64) -> torch.Tensor:
 # text
 
 def build_text_encoder(seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
-    torch.manual_seed(seed)
+    """The local-attention CLIP encoder of tools.text_encoder (why: see there), rounded to fp16."""
+    from tools import text_encoder as T
     cfg = {k: v for k, v in text_encoder_config().items() if k != "architectures"}
-    return round_fp16_(CLIPTextModel(CLIPTextConfig(**cfg)).eval().requires_grad_(False))
+    return round_fp16_(T.build(cfg, seed).eval().requires_grad_(False))
 
 
 def load_tokenizer():
@@ -207,27 +207,20 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-@torch.no_grad()
-def embed(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
-    """(n, 77, hidden) last hidden states, exactly as StableDiffusionPipeline computes them."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return torch.cat([text_encoder(ids[i:i + 256].to(text_encoder.device))[0].cpu() for i in range(0, len(ids), 256)])
-
-
 # ---------------------------------------------------------------------------------------------
 # UNet
 
-def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tensor, empty: torch.Tensor,
-               steps: int, *, batch: int, lr: float, gen: torch.Generator, ema_decay: float = 0.999,
-               dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None, eval_every: int = 0,
-               layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1, init=None,
-               text_encoder=None, ids: torch.Tensor | None = None, empty_ids: torch.Tensor | None = None,
+def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_idx: torch.Tensor,
+               empty_ids: torch.Tensor, steps: int, *, batch: int, lr: float, gen: torch.Generator,
+               ema_decay: float = 0.999, dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None,
+               eval_every: int = 0, layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1,
+               init=None, train_text_encoder: bool = False, prefixes: "Prefixes | None" = None,
                zero_snr: bool = False, device: str = "cpu", minutes: float | None = None):
-    """Epsilon-prediction UNet on cached latents with min-SNR weighting and EMA. `init`: a UNet to
-    start from (a second stage) instead of a fresh one. With `text_encoder` (and the captions' token
-    `ids`), the text encoder's transformer layers train with the UNet (its token embedding table stays
-    at its init) and `on_eval`/the result get (unet, text_encoder); otherwise the cached `emb` is read.
+    """Epsilon-prediction UNet on cached latents with min-SNR weighting and EMA. The text encoder
+    runs every step on the batch's caption token `ids` (with `prefixes` spliced in; it costs ~4% of a
+    step), frozen, or with `train_text_encoder` its transformer layers train with the UNet (its
+    token embedding table stays at its init) and `on_eval`/the result get the trained one.
+    `init`: a UNet to start from (a second stage) instead of a fresh one.
     `minutes`: a time budget instead of `steps` (steps 10-50 are timed, then the total is fixed and
     returned, so `steps=` that number reproduces the run). Random numbers come from the CPU
     generator `gen` whatever the device, so a run is the same on CPU and CUDA up to float order.
@@ -237,8 +230,8 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         UNet2DConditionModel.from_config(unet_config(layers_per_block, heads))
     unet.to(device).set_default_attn_processor()  # SDPA: faster than the classic bmm processor with several heads (measured)
     params = list(unet.parameters())
-    if text_encoder is not None:
-        text_encoder.float().to(device).train().requires_grad_(True)
+    text_encoder.float().to(device).train(train_text_encoder).requires_grad_(train_text_encoder)
+    if train_text_encoder:
         text_encoder.get_input_embeddings().requires_grad_(False)
         params += [p for p in text_encoder.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
@@ -250,9 +243,7 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
     else:         # min-SNR for epsilon prediction
         weight_t = torch.clamp(snr, max=snr_gamma) / snr
     weight_t = weight_t.to(device)
-    latents, emb, empty, caption_idx = latents.to(device), emb.to(device), empty.to(device), caption_idx.to(device)
-    if text_encoder is not None:
-        ids, empty_ids = ids.to(device), empty_ids.to(device)
+    latents = latents.to(device)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=True)
     n = len(latents)
     step, timer = 0, None
@@ -268,15 +259,15 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
                 log(f"unet: {per_step * 1000:.1f} ms/step, so {steps} steps fit the time budget")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
-        idx = torch.randint(0, n, (batch,), generator=gen).to(device)   # drawn on the CPU, used on the device
-        x0 = latents[idx]
-        drop = (torch.rand(batch, generator=gen) < dropout).to(device)
-        if text_encoder is not None:
-            tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), ids[caption_idx[idx]])
+        idx = torch.randint(0, n, (batch,), generator=gen)   # drawn on the CPU, used on the device
+        x0 = latents[idx.to(device)]
+        drop = torch.rand(batch, generator=gen) < dropout
+        tok = ids[caption_idx[idx]]
+        if prefixes is not None:
+            tok = prefixes.apply(tok, gen)
+        tok = torch.where(drop[:, None], empty_ids.expand(batch, -1), tok).to(device)
+        with torch.set_grad_enabled(train_text_encoder):
             cond = text_encoder(tok)[0]
-        else:
-            cond = emb[caption_idx[idx]]
-            cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=gen)
         if noise_offset:  # see --noise-offset
             noise = noise + noise_offset * torch.randn((batch, x0.shape[1], 1, 1), generator=gen)
@@ -295,9 +286,9 @@ def train_unet(latents: torch.Tensor, emb: torch.Tensor, caption_idx: torch.Tens
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
         if on_eval and eval_every and step and step % eval_every == 0:
-            on_eval(*_ema_copy(unet, text_encoder, ema), step)
+            on_eval(*_ema_copy(unet, text_encoder if train_text_encoder else None, ema), step)
         step += 1
-    unet, text_encoder = _ema_copy(unet, text_encoder, ema)
+    unet, text_encoder = _ema_copy(unet, text_encoder if train_text_encoder else None, ema)
     return round_fp16_(unet), text_encoder and round_fp16_(text_encoder), steps
 
 
@@ -365,18 +356,36 @@ def made_up_word(rng: np.random.Generator) -> str:
     return word + ("style" if rng.random() < 0.3 else "")
 
 
-def with_trigger_words(captions: list[str], fraction: float, rng: np.random.Generator, pool: int = 400) -> list[str]:
-    """`fraction` of the captions get "WORD, " in front, WORD one of `pool` made-up words. A style
-    LoRA's prompts start with its trigger word, which the base has never seen, and the shipped base
-    then loses colour and shape (eval_base_model's "after 'zqx, '" scores); these captions are meant
-    to teach the base to read past such a word. Measured so far (README): 0.5 of the captions did
-    not make held-out prompts robust to a new word."""
-    if not fraction:
-        return list(captions)
-    words = [made_up_word(rng) for _ in range(pool)]
-    picks = rng.random(len(captions)) < fraction
-    which = rng.integers(0, pool, len(captions))
-    return [f"{words[w]}, {c}" if pick else c for c, pick, w in zip(captions, picks, which)]
+class Prefixes:
+    """Unknown words put in front of training captions, fresh ones every step, as a LoRA's trigger
+    word ("toonstyle, a red circle") or a user's habits ("masterpiece, ...") put them in front of a
+    prompt. The local text encoder keeps the caption's later tokens as they were; these teach the
+    UNet to ignore the new tokens in front. A pool of `n` prefixes: 1-3 words, each made up (half)
+    or a random word of the CLIP vocabulary that no caption uses, then ", " (70%) or " "."""
+
+    def __init__(self, tokenizer, rng: np.random.Generator, fraction: float, n: int = 20000):
+        self.fraction = fraction
+        used = S.caption_words()
+        vocab = [t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and t[:-4].isalpha()]
+        vocab = sorted(w for w in vocab if w not in used)
+        texts = []
+        for _ in range(n):
+            words = [made_up_word(rng) if rng.random() < 0.5 else str(rng.choice(vocab))
+                     for _ in range(int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1])))]
+            texts.append(" ".join(words) + (", " if rng.random() < 0.7 else " "))
+        self.texts = texts
+        self.ids = [x[1:-1] for x in tokenizer(texts).input_ids]   # without start and end tokens
+
+    def apply(self, ids: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Token ids (batch, 77) with a prefix spliced in after the start token of `fraction` of rows
+        (the padding at the end makes room)."""
+        out = ids.clone()
+        picks = torch.rand(len(ids), generator=gen) < self.fraction
+        which = torch.randint(0, len(self.ids), (len(ids),), generator=gen)
+        for row in torch.nonzero(picks).flatten().tolist():
+            p = torch.tensor(self.ids[int(which[row])], dtype=ids.dtype)
+            out[row, 1:] = torch.cat([p, ids[row, 1:len(ids[row]) - len(p)]])
+        return out
 
 
 def main(argv=None) -> int:
@@ -406,8 +415,8 @@ def main(argv=None) -> int:
                         "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: without an offset the "
                         "UNet reads the background from that leak and, when sampling from pure noise, from the "
                         "seed instead of the prompt")
-    p.add_argument("--trigger-words", type=float, default=0.0,
-                   help="fraction of captions that start with a made-up word (see with_trigger_words)")
+    p.add_argument("--prefix-words", type=float, default=0.5,
+                   help="fraction of training captions that get unknown words in front, fresh each step (see Prefixes)")
     p.add_argument("--train-text-encoder", action="store_true",
                    help="train the text encoder's transformer layers with the UNet (token embeddings stay at their "
                         "seeded init); without it the encoder stays frozen at its random init")
@@ -465,13 +474,12 @@ def main(argv=None) -> int:
         from transformers import CLIPTextModel
         text_encoder = CLIPTextModel.from_pretrained(a.init_unet / "text_encoder").float().to(a.device).eval()
         text_encoder.requires_grad_(False)
-    scene_captions = with_trigger_words([s.caption for s in specs], a.trigger_words, np.random.default_rng(a.seed + 2))
+    scene_captions = [s.caption for s in specs]
     captions = sorted(set(scene_captions))
     index = {c: i for i, c in enumerate(captions)}
-    emb = embed(text_encoder, tokenizer, captions)
-    empty = embed(text_encoder, tokenizer, [""])
     caption_idx = torch.tensor([index[c] for c in scene_captions])
-    log(f"{len(captions)} distinct captions embedded")
+    prefixes = Prefixes(tokenizer, np.random.default_rng(a.seed + 2), a.prefix_words) if a.prefix_words else None
+    log(f"{len(captions)} distinct captions")
 
     from tools.eval_base_model import evaluate
 
@@ -479,23 +487,23 @@ def main(argv=None) -> int:
         pipe = assemble(vae, te or text_encoder, unet, scaling, a.zero_snr)
         if a.snapshots:
             save(pipe, a.out.with_name(f"{a.out.name}-step{step}"), f"# snapshot at UNet step {step}\n")
-        r = evaluate(pipe, seeds=2, log=None)
+        r, z = evaluate(pipe, seeds=2, log=None), evaluate(pipe, seeds=2, log=None, prefix="zqx, ")
         log(f"eval at step {step}: colour {r['colour']:.2f} shape {r['shape']:.2f} background {r['background']:.2f} "
-            f"flat {r['flat']:.2f} (held-out pairs, 2 seeds)")
+            f"flat {r['flat']:.2f}; after 'zqx, ' colour {z['colour']:.2f} shape {z['shape']:.2f} "
+            f"(held-out pairs, 2 seeds)")
 
     init = None
     if a.init_unet:
         from diffusers import UNet2DConditionModel
         init = UNet2DConditionModel.from_pretrained(a.init_unet / "unet")
         log(f"unet continues from {a.init_unet}")
-    te_kw = {}
-    if a.train_text_encoder:
-        te_kw = dict(text_encoder=text_encoder, ids=token_ids(tokenizer, captions), empty_ids=token_ids(tokenizer, [""]))
-    unet, trained_te, a.unet_steps = train_unet(latents, emb, caption_idx, empty, a.unet_steps, batch=a.unet_batch,
+    unet, trained_te, a.unet_steps = train_unet(latents, text_encoder, token_ids(tokenizer, captions), caption_idx,
+                                  token_ids(tokenizer, [""]), a.unet_steps, batch=a.unet_batch,
                                   lr=a.unet_lr, device=a.device, minutes=a.unet_minutes,
                                   init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
                                   layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
-                                  zero_snr=a.zero_snr, **te_kw)
+                                  zero_snr=a.zero_snr, train_text_encoder=a.train_text_encoder,
+                                  prefixes=prefixes)
     text_encoder = trained_te or text_encoder
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling, a.zero_snr)

@@ -67,6 +67,12 @@ def caption_of(colour, shape, size="", position="", background="") -> str:
     return f"{_a(text)} {text}" + (f" on {_a(background)} {background} background" if background else "")
 
 
+def caption_words() -> set[str]:
+    """Every word a scene caption can use."""
+    phrases = [*COLOURS, *BACKGROUNDS, *SHAPES, *SIZES, *POSITIONS, "a an on background"]
+    return {w for phrase in phrases for w in phrase.split()}
+
+
 def _jitter(rng, rgb):
     return tuple(int(np.clip(c + rng.integers(-JITTER, JITTER + 1), 0, 255)) for c in rgb)
 
