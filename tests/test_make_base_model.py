@@ -77,3 +77,17 @@ def test_prefixes_put_unknown_words_in_front_of_a_fraction_of_captions():
             led += 1
             assert text.endswith(caption) and text[:-len(caption)].strip(" ,") and len(row) == 77
     assert 140 <= led <= 260                 # binomial(400, 0.5): 6 standard deviations either side
+
+
+def test_shape_focus_weights_the_latent_pixels_around_the_shape():
+    import numpy as np
+    from tools import scenes as S
+    images, specs = S.scenes(np.random.default_rng(4), 40)
+    focus = M.shape_focus(images, specs, 3.0)
+    assert focus.shape == (40, 1, 16, 16) and set(focus.unique().tolist()) == {1.0, 4.0}
+    for f, s in zip(focus[:, 0], specs):
+        cx, cy = (int(v) // 4 for v in s.center)
+        assert f[cy, cx] == 4.0                              # the shape's centre
+        r = int(s.radius * 1.15 / 4) + 3                     # beyond the shape's extent plus one pixel
+        far = [(y, x) for y in range(16) for x in range(16) if max(abs(y - cy), abs(x - cx)) > r]
+        assert all(f[y, x] == 1.0 for y, x in far)

@@ -1,26 +1,29 @@
 """Train the embedded tiny Stable Diffusion (sample_data/models/tiny-sd) from scratch on a CPU.
 
-    python -m tools.make_base_model --out stage1
+    python -m tools.make_base_model --out stage1 --vae-cache VAE_DIR
     python -m tools.make_base_model --out sample_data/models/tiny-sd --init-unet stage1 \
-        --unet-steps 1500 --unet-lr 3e-4
+        --unet-steps 2500 --unet-lr 3e-4
 
 (the shipped model: the second run continues the first one's UNet at a lower learning rate, with
-the same data, VAE and text encoder; about 90 minutes in all on a shared 2-core CPU).
+the same data, VAE and text encoder; about 55 minutes in all on a shared 2-core CPU. VAE_DIR is
+where the VAE is trained once and then reused: a folder without a VAE gets one trained there).
 
 The model has SD1.5's module structure at small widths, so every LoRA key it produces is a real
 SD1.5 key (same block types and module names, conv proj_in), only narrower and with one resnet and
 one transformer per down block (SD1.5 has two; --layers-per-block 2 gives exactly SD1.5's module
 set, at 0.65x the training speed: it was tried, and after the same 25 minutes it followed prompts
 far worse):
-  * text encoder: CLIPTextModel, hidden 64, 2 layers, the real CLIP BPE vocabulary (49,408 tokens),
-    frozen at its seeded random init (its embeddings are cached; the UNet learns to read them);
-  * VAE: AutoencoderKL, 3 blocks of widths (16, 32, 64) (64x64 pixels -> 16x16x4 latents), trained on the procedural scenes
-    AND on broad images (colours, gradients, stripes, dots, outlines, glow, noise), so a style LoRA
-    can later learn looks the scenes never show;
+  * text encoder: CLIPTextModel, hidden 64, 2 layers, 4 heads, the real CLIP BPE vocabulary (49,408
+    tokens), built by tools/text_encoder.py so that a word put in front of a prompt (a LoRA's
+    trigger word) changes nothing past the prompt's second word; frozen;
+  * VAE: AutoencoderKL, 3 blocks of widths (16, 32, 64) (64x64 pixels -> 16x16x4 latents), trained on
+    the procedural scenes AND on broad images (colours, gradients, stripes, dots, outlines, glow,
+    noise), so a style LoRA can later learn looks the scenes never show;
   * UNet: UNet2DConditionModel with SD1.5's block types, widths (32, 64, 96, 96), one attention head
-    (8 heads of width 4-12 trained 2x slower per image), epsilon prediction on SD1.5's noise
-    schedule, min-SNR(5) loss weighting, noise offset 0.1, 10% caption dropout (for
-    classifier-free guidance), EMA weights.
+    (4 heads trained 1.6x slower per step and were no better at 1500 steps), epsilon prediction on
+    SD1.5's noise schedule, min-SNR(5) loss weighting, noise offset 0.3 (see --noise-offset), 10%
+    caption dropout (for classifier-free guidance), fresh unknown words in front of half the
+    captions (Prefixes), EMA weights.
 UNet and VAE weights are stored in fp16, the text encoder in fp32 (see save); each component is
 rounded to fp16 as soon as it is trained, so what later stages learn from is what ships. Seeded:
 the same command gives the same model (up to float reduction order).
@@ -215,12 +218,14 @@ def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_i
                ema_decay: float = 0.999, dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None,
                eval_every: int = 0, layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1,
                init=None, train_text_encoder: bool = False, prefixes: "Prefixes | None" = None,
+               focus: torch.Tensor | None = None,
                zero_snr: bool = False, device: str = "cpu", minutes: float | None = None):
     """Epsilon-prediction UNet on cached latents with min-SNR weighting and EMA. The text encoder
     runs every step on the batch's caption token `ids` (with `prefixes` spliced in; it costs ~4% of a
     step), frozen, or with `train_text_encoder` its transformer layers train with the UNet (its
     token embedding table stays at its init) and `on_eval`/the result get the trained one.
-    `init`: a UNet to start from (a second stage) instead of a fresh one.
+    `init`: a UNet to start from (a second stage) instead of a fresh one. `focus`: per-image latent
+    weight maps (n, 1, h, w) for the loss (see shape_focus).
     `minutes`: a time budget instead of `steps` (steps 10-50 are timed, then the total is fixed and
     returned, so `steps=` that number reproduces the run). Random numbers come from the CPU
     generator `gen` whatever the device, so a run is the same on CPU and CUDA up to float order.
@@ -276,7 +281,11 @@ def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_i
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, cond).sample
         target = sched.get_velocity(x0, noise, t) if zero_snr else noise
-        loss = ((pred - target).pow(2).mean(dim=(1, 2, 3)) * weight_t[t]).mean()
+        err = (pred - target).pow(2)
+        if focus is not None:
+            w = focus[idx].to(device)
+            err = err * w / w.mean(dim=(1, 2, 3), keepdim=True)
+        loss = (err.mean(dim=(1, 2, 3)) * weight_t[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -290,6 +299,19 @@ def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_i
         step += 1
     unet, text_encoder = _ema_copy(unet, text_encoder if train_text_encoder else None, ema)
     return round_fp16_(unet), text_encoder and round_fp16_(text_encoder), steps
+
+
+def shape_focus(images: np.ndarray, specs, weight: float) -> torch.Tensor:
+    """(n, 1, 16, 16) loss weights: 1 + `weight` on the latent pixels that the shape touches, and one
+    latent pixel around it. Circle, square and triangle differ only near their outline (a square's
+    corners are ~3% of the picture), so under a plain mean the UNet learns colours and backgrounds
+    long before it tells squares from circles; this puts the loss where shapes differ. Each map is
+    normalised to mean 1 in train_unet, so an image's total weight is unchanged."""
+    bg = torch.tensor([s.bg_rgb for s in specs], dtype=torch.float32)[:, :, None, None]
+    px = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    shape = ((px - bg).abs().amax(dim=1, keepdim=True) > 24).float()
+    near = F.max_pool2d(F.max_pool2d(shape, S.SIZE // 16), 3, stride=1, padding=1)
+    return 1 + weight * near
 
 
 def _ema_copy(unet, text_encoder, ema):
@@ -399,7 +421,7 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=int, default=16000, help="captioned scenes for the UNet (and VAE)")
     p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
     p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-minutes", type=float, default=None,
                    help="train the UNet for about this long instead of --unet-steps (the steps it chose are logged "
                         "and written to the model card; --unet-steps with that number repeats the run)")
@@ -410,11 +432,15 @@ def main(argv=None) -> int:
     p.add_argument("--zero-snr", action="store_true",
                    help="zero-terminal-SNR schedule with v-prediction (the principled fix for the leak that "
                         "--noise-offset works around; use with --noise-offset 0)")
-    p.add_argument("--noise-offset", type=float, default=0.1,
+    p.add_argument("--noise-offset", type=float, default=0.3,
                    help="per-channel constant noise added in training. The scenes are mostly flat background, and "
-                        "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: without an offset the "
-                        "UNet reads the background from that leak and, when sampling from pure noise, from the "
-                        "seed instead of the prompt")
+                        "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: the UNet reads the "
+                        "background from that leak and, when sampling from pure noise, from the seed instead of "
+                        "the prompt. The per-channel mean of 16x16 latent noise has std 1/16, 4x that of SD's 64x64, "
+                        "so the 0.1 usual for SD corresponds to about 0.4 here (0.1 measured: named backgrounds "
+                        "followed 11%%, 0.3: 100%%)")
+    p.add_argument("--shape-weight", type=float, default=0.0,
+                   help="extra loss weight on the latent pixels around each scene's shape (see shape_focus)")
     p.add_argument("--prefix-words", type=float, default=0.5,
                    help="fraction of training captions that get unknown words in front, fresh each step (see Prefixes)")
     p.add_argument("--train-text-encoder", action="store_true",
@@ -503,7 +529,8 @@ def main(argv=None) -> int:
                                   init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
                                   layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
                                   zero_snr=a.zero_snr, train_text_encoder=a.train_text_encoder,
-                                  prefixes=prefixes)
+                                  prefixes=prefixes,
+                                  focus=shape_focus(images, specs, a.shape_weight) if a.shape_weight else None)
     text_encoder = trained_te or text_encoder
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
     pipe = assemble(vae, text_encoder, unet, scaling, a.zero_snr)

@@ -101,15 +101,19 @@ STYLES = {"neon": neon, "halftone": halftone, "toon": toon}
 
 
 def style_scene(style: str, rng: np.random.Generator, colour: str, shape: str) -> S.Scene:
-    """Scene content for a style (neon is always on black, as its captions say)."""
+    """Scene content for a style (neon is always on black)."""
     kw = {"background": "black"} if style == "neon" else {}
     held = (colour, shape) in S.HELD_OUT
     return S.sample_scene(rng, colour=colour, shape=shape, held_out=held, name_p=0.5, **kw)
 
 
 def render(style: str, scene: S.Scene) -> tuple[Image.Image, str]:
-    """(image, caption) of a scene in a style."""
-    return STYLES[style](scene), f"{TRIGGERS[style]}, {scene.caption}"
+    """(image, caption) of a scene in a style. A caption names what varies between the images, not
+    what makes the style (kohya's captioning advice): neon's black ground is the style, so its
+    captions leave it out and the LoRA learns it with the trigger, instead of learning it as what
+    "on a black background" means."""
+    caption = scene.caption.removesuffix(" on a black background") if style == "neon" else scene.caption
+    return STYLES[style](scene), f"{TRIGGERS[style]}, {caption}"
 
 
 def make_style(style: str, out: Path, count: int, seed: int) -> None:
