@@ -45,6 +45,17 @@ def test_jobs_at_other_resolutions_run_in_separate_forward_passes_and_still_equa
     _assert_each_equals_solo([a, b.replace(resolution=64)], "sd1")
 
 
+def test_uncond_preservation_in_one_run_equals_each_job_alone(tmp_path):
+    # two steps: at step 1 the LoRA is still the identity, so the term (and its gradient) is zero
+    cfgs = _jobs(tmp_path, "uncond", steps=2, adam_epsilon=1.0, uncond_preservation=2.0)
+    _assert_each_equals_solo(cfgs, "sd1")
+    plain = train(cfgs[0].replace(uncond_preservation=0.0, output=str(tmp_path / "plain.safetensors"),
+                                  checkpoint_dir=str(tmp_path / "plain-ckpt")), base=tiny_pipeline("sd1"))
+    solo = load_file(str(Path(cfgs[0].output).with_name("solo-" + Path(cfgs[0].output).name)))
+    ups = [k for k in solo if k.endswith("lora_up.weight")]
+    assert _max_rel(load_file(plain.output), solo, ups) > 1e-3       # the term changed the second step
+
+
 def _assert_each_equals_solo(cfgs, family):
     results = train_many(cfgs, base=tiny_pipeline(family))
     assert [r.status for r in results] == ["done"] * len(cfgs)

@@ -425,3 +425,37 @@ def test_data_order_hook_sees_every_image_once_per_epoch_and_reproduces(tmp_path
     for epoch in range(3):
         assert sorted(i for e, i in first if e == epoch) == [0, 1, 2, 3]
     assert order("b") == first
+
+
+@torch.no_grad()
+def _change_of_predictions(trainer, prompts: list[str]) -> list[float]:
+    """Per prompt: |UNet prediction with the trained LoRA - without it| / |without it|."""
+    unet = trainer.base.pipe.unet
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=gen)
+    t = torch.tensor([300, 700])
+    out = []
+    for prompt in prompts:
+        ctx = trainer.encode([prompt] * 2)[0]
+        on = unet(x, t, ctx).sample
+        trainer.network.set_multiplier(0.0)
+        off = unet(x, t, ctx).sample
+        trainer.network.set_multiplier(1.0)
+        out.append(float((on - off).norm() / off.norm()))
+    return out
+
+
+def test_uncond_preservation_keeps_the_base_prediction_for_the_empty_prompt(tmp_path):
+    """What the option is for: after training, the LoRA barely changes the UNet's prediction for the
+    empty prompt (classifier-free guidance's unconditional half), while it still changes the
+    prediction for its captions."""
+    changes = {}
+    for weight in (0.0, 4.0):
+        cfg = tiny_cfg(tmp_path, f"u{weight}", steps=12, uncond_preservation=weight, trigger="zzt")
+        trainer = Trainer(cfg, base=tiny_pipeline("sd1"))
+        trainer.prepare()
+        trainer.run()
+        changes[weight] = _change_of_predictions(trainer, ["", trainer.items[0].caption])
+    (empty_plain, caption_plain), (empty_kept, caption_kept) = changes[0.0], changes[4.0]
+    assert empty_kept < 0.5 * empty_plain
+    assert caption_kept > 2 * empty_kept and caption_kept > 0.3 * caption_plain

@@ -127,6 +127,12 @@ class TrainConfig:
                                "loss", low=0.0, resume="stream")
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 lets the model learn very dark/bright images; "
                                    "0: off)", "loss", low=0.0, resume="stream")
+    uncond_preservation: float = opt(0.0, "weight of a loss that keeps the LoRA's prediction for the empty "
+                                    "prompt equal to the base model's (0: off). Images are made with classifier-free "
+                                    "guidance, which scales up what the prompt changes but not what a LoRA changes for "
+                                    "every prompt; with this term the style becomes part of what the trigger and "
+                                    "captions change, so guidance keeps it. Costs one more forward and backward pass "
+                                    "per step", "loss", low=0.0, resume="stream")
     prediction_type: str = opt("auto", "training target: auto (from the scheduler config), epsilon or "
                                        "v_prediction", "loss", choices=["auto", "epsilon", "v_prediction"], resume="stream")
     clip_skip: int = opt(1, "use the text encoder's n-th last layer (SD1 only; 2 for anime-style bases)",

@@ -20,11 +20,13 @@ not bit for bit.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.training import loss as L
 from sdlora.training.config import TrainConfig, flag
 from sdlora.training.control import TrainingControl
 from sdlora.training.trainer import MicroInputs, Trainer, TrainResult
@@ -185,17 +187,36 @@ class MultiTrainer:
         return [t._apply_step(total) for t, total in zip(todo, totals)]
 
     def _losses(self, jobs: list[tuple[Trainer, MicroInputs]]) -> list[torch.Tensor]:
-        """Each job's micro-batch loss, from shared forward passes (one per latent shape)."""
+        """Each job's micro-batch loss, from shared forward passes (one per latent shape); jobs with
+        uncond_preservation add their term (Trainer._uncond_loss) from two more shared passes."""
+        losses = [job._micro_loss(inputs, pred) for (job, inputs), pred in zip(jobs, self._predict(jobs))]
+        empty = [(i, job, replace(inputs, kw=inputs.uncond_kw)) for i, (job, inputs) in enumerate(jobs)
+                 if inputs.uncond_kw is not None]
+        if empty:
+            pairs = [(job, inputs) for _, job, inputs in empty]
+            with torch.no_grad():
+                for net in self.networks:
+                    net.set_multiplier(0.0)
+                try:
+                    base = self._predict(pairs)
+                finally:
+                    for net in self.networks:
+                        net.set_multiplier(1.0)
+            for (i, job, _), pred, target in zip(empty, self._predict(pairs), base):
+                losses[i] = losses[i] + job.cfg.uncond_preservation * L.per_sample_loss(pred, target).mean()
+        return losses
+
+    def _predict(self, jobs: list[tuple[Trainer, MicroInputs]]) -> list[torch.Tensor]:
+        """Each job's UNet prediction, one shared forward pass per latent shape."""
         self._encode([(t, inputs) for t, inputs in jobs if "captions" in inputs.kw])
         groups: dict[tuple, list[int]] = {}
         for i, (_, inputs) in enumerate(jobs):
             groups.setdefault(tuple(inputs.noisy.shape[1:]), []).append(i)
-        losses = [None] * len(jobs)
+        preds = [None] * len(jobs)
         for members in groups.values():
-            preds = self._forward([jobs[i] for i in members])
-            for i, pred in zip(members, preds):
-                losses[i] = jobs[i][0]._micro_loss(jobs[i][1], pred)
-        return losses
+            for i, pred in zip(members, self._forward([jobs[i] for i in members])):
+                preds[i] = pred
+        return preds
 
     def _set_rows(self, jobs: list[tuple[Trainer, int]]) -> None:
         """Batch rows per job in the order given (each job's size); networks not listed: no rows."""

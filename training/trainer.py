@@ -77,6 +77,7 @@ class MicroInputs:
     latents: torch.Tensor
     noise: torch.Tensor
     weights: torch.Tensor           # per sample (prior-loss weight of class images)
+    uncond_kw: dict | None = None   # the same samples with the empty prompt (uncond_preservation)
 
 
 def check_output(path: str) -> Path:
@@ -481,7 +482,8 @@ class Trainer:
             self.latents.fill(self.items, keys, self.vae_encoder, self.cfg.seed, cfg.vae_batch_size, vae_id)
         self.embeddings = None
         if self.cache_text:
-            captions = {it.caption for it in self.items} | ({""} if cfg.caption_dropout else set())
+            empty = cfg.caption_dropout or cfg.uncond_preservation
+            captions = {it.caption for it in self.items} | ({""} if empty else set())
             self._status("caching", f"encoding {len(captions)} caption(s)")
             self.embeddings = EmbeddingCache(self.encode)
             self.embeddings.fill(captions)
@@ -596,7 +598,22 @@ class Trainer:
 
     def _micro_batch(self, batch: list, epoch: int, m: int) -> torch.Tensor:
         inputs = self._micro_inputs(batch, epoch, m)
-        return self._micro_loss(inputs, self.model(inputs.noisy, inputs.timesteps, **inputs.kw))
+        loss = self._micro_loss(inputs, self.model(inputs.noisy, inputs.timesteps, **inputs.kw))
+        if inputs.uncond_kw is not None:
+            loss = loss + self._uncond_loss(inputs)
+        return loss
+
+    def _uncond_loss(self, inputs: "MicroInputs") -> torch.Tensor:
+        """uncond_preservation: the LoRA's prediction for the empty prompt against the base model's
+        (the network switched off for that pass), on the micro-batch's own noisy latents."""
+        with torch.no_grad():
+            self.network.set_multiplier(0.0)
+            try:
+                base = self.model(inputs.noisy, inputs.timesteps, **inputs.uncond_kw)
+            finally:
+                self.network.set_multiplier(1.0)
+        pred = self.model(inputs.noisy, inputs.timesteps, **inputs.uncond_kw)
+        return self.cfg.uncond_preservation * L.per_sample_loss(pred, base).mean()
 
     def _micro_inputs(self, batch: list, epoch: int, m: int) -> "MicroInputs":
         """Everything one micro-batch feeds the model and the loss; seeds the RNGs of micro-batch m."""
@@ -627,12 +644,16 @@ class Trainer:
         t = L.draw_timesteps(len(batch), self.noise_scheduler.config.num_train_timesteps, gen).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         kw = {"time_ids": torch.stack(time_ids).to(dev)} if self.family == "sdxl" else {}
-        if self.embeddings is not None:
-            ctx, pooled = self.embeddings.batch(captions)
-            kw.update(context=ctx.to(dev), pooled=None if pooled is None else pooled.to(dev))
-        else:
-            kw["captions"] = captions
-        return MicroInputs(noisy, t, kw, latents, noise, torch.tensor(weights, device=dev))
+        uncond_kw = dict(kw) if cfg.uncond_preservation else None
+        for out, texts in ((kw, captions), (uncond_kw, [""] * len(batch))):
+            if out is None:
+                continue
+            if self.embeddings is not None:
+                ctx, pooled = self.embeddings.batch(texts)
+                out.update(context=ctx.to(dev), pooled=None if pooled is None else pooled.to(dev))
+            else:
+                out["captions"] = texts
+        return MicroInputs(noisy, t, kw, latents, noise, torch.tensor(weights, device=dev), uncond_kw)
 
     def _micro_loss(self, inputs: "MicroInputs", pred: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss: the weighted mean over its samples."""
