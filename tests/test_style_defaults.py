@@ -10,6 +10,7 @@ from tools import scenes as S
 from sdlora.training.config import build_config
 
 NEON = "sample_data/styles/neon"
+TOON = "sample_data/styles/toon"
 
 
 def test_drawn_shape_matches_the_rendered_shape():
@@ -32,10 +33,10 @@ def test_no_preset_on_the_embedded_base_uses_its_defaults():
 
 def test_default_training_moves_the_style_metric(tmp_path):
     metric, colour = E.default_metrics()
-    report = E.evaluate(NEON, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(),
-                        preset=None, overrides={"trigger": "neonstyle", "steps": 80},
+    report = E.evaluate(TOON, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(),
+                        preset=None, overrides={"trigger": "toonstyle", "steps": 150},
                         prompts=["a large red circle on a white background", "a yellow circle on a blue background"],
-                        prompt_prefix="neonstyle, ", seeds=(0, 1), out_dir=tmp_path, steps=12)
+                        prompt_prefix="toonstyle, ", seeds=(0, 1), out_dir=tmp_path, steps=12)
     assert report.lora_mean > report.base_mean + 0.05
     assert report.wins >= 0.75
     assert report.train_seconds > 0 and len(report.shape_followed) == 4

@@ -21,7 +21,7 @@ def test_shipped_encoder_ignores_a_leading_word_past_the_first_two_tokens():
     from transformers import CLIPTextModel
     model = CLIPTextModel.from_pretrained(str(EMBEDDED_MODEL / "text_encoder")).eval()
     for changes in _changes(model):
-        assert all(d < 1e-5 for _, d in changes[2:]), changes
+        assert all(d < 1e-3 for _, d in changes[2:]), changes   # the frozen random CLIP before it: 0.46-1.3
         assert changes[0][1] > 0.1          # the first word does see what is in front of it
 
 
@@ -30,7 +30,7 @@ def test_built_encoder_attends_where_it_was_built_to():
     model = T.build(cfg, seed=3)
     assert T.min_target_weight(model, torch.Generator().manual_seed(1)) > 0.9
     for changes in _changes(model):
-        assert all(d < 1e-5 for _, d in changes[2:]), changes
+        assert all(d < 1e-3 for _, d in changes[2:]), changes   # the frozen random CLIP before it: 0.46-1.3
     # the words around a token matter: "circle" after "red" is not "circle" after "green"
     tok = load_tokenizer()
     ids = tok(["a red circle", "a green circle"], return_tensors="pt").input_ids

@@ -437,8 +437,7 @@ def main(argv=None) -> int:
                         "SD1.5's schedule leaves 6.8%% of the image in the noise at t=999: the UNet reads the "
                         "background from that leak and, when sampling from pure noise, from the seed instead of "
                         "the prompt. The per-channel mean of 16x16 latent noise has std 1/16, 4x that of SD's 64x64, "
-                        "so the 0.1 usual for SD corresponds to about 0.4 here (0.1 measured: named backgrounds "
-                        "followed 11%%, 0.3: 100%%)")
+                        "so the 0.1 usual for SD corresponds to about 0.4 here")
     p.add_argument("--shape-weight", type=float, default=0.0,
                    help="extra loss weight on the latent pixels around each scene's shape (see shape_focus)")
     p.add_argument("--prefix-words", type=float, default=0.5,
