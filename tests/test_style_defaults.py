@@ -15,7 +15,7 @@ TOON = "sample_data/styles/toon"
 
 def test_drawn_shape_matches_the_rendered_shape():
     rng = np.random.default_rng(11)
-    for style, floor in (("neon", 0.7), ("halftone", 0.6), ("toon", 0.9)):
+    for style, floor in (("neon", 0.85), ("halftone", 0.8), ("toon", 0.95)):
         hits = []
         for i in range(36):
             shape = S.SHAPES[i % 3]
@@ -23,7 +23,25 @@ def test_drawn_shape_matches_the_rendered_shape():
             hits.append(M.follows_shape(image, shape))
         assert np.mean(hits) >= floor, style
     images, specs = S.scenes(rng, 60)          # plain scenes: as good as the plain classifier
-    assert np.mean([M.classify_drawn_shape(im) == s.shape for im, s in zip(images, specs)]) >= 0.9
+    assert np.mean([M.classify_drawn_shape(im) == s.shape for im, s in zip(images, specs)]) >= 0.95
+
+
+def test_drawn_colour_matches_the_rendered_colour():
+    # each style keeps the hue of the colour it was drawn with; the RGB classifier does not see it
+    # in neon's glowing lines or toon's pastel fills (its own test images would score ~6% / ~25%)
+    rng = np.random.default_rng(12)
+    for style in ("neon", "halftone", "toon"):
+        drawn, rgb = [], []
+        for i in range(36):
+            colour = list(S.COLOURS)[i % 6]
+            image, _ = MS.render(style, MS.style_scene(style, rng, colour, S.SHAPES[i % 3]))
+            drawn.append(M.follows_colour(image, colour))
+            rgb.append(M.classify_colour(image) == colour)
+        assert np.mean(drawn) >= 0.95, style
+        if style != "halftone":
+            assert np.mean(rgb) < 0.5, style
+    images, specs = S.scenes(rng, 60)          # plain scenes: as good as the RGB classifier
+    assert np.mean([M.classify_drawn_colour(im) == s.colour for im, s in zip(images, specs)]) >= 0.95
 
 
 def test_no_preset_on_the_embedded_base_uses_its_defaults():

@@ -322,6 +322,7 @@ def test_v_prediction_sd2_and_prior_preservation(tmp_path):
 def test_loss_targets_and_min_snr_against_formulas():
     from diffusers import DDPMScheduler
     from sdlora.training import loss as L
+    from sdlora.training.config import TrainConfig
     s = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     x, n, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0, 500, 999])
     ab = s.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -335,6 +336,14 @@ def test_loss_targets_and_min_snr_against_formulas():
     g = torch.Generator().manual_seed(0)
     b = torch.randn((2, 4, 3, 3), generator=g)
     torch.testing.assert_close(a - b, (0.1 * torch.randn((2, 4, 1, 1), generator=g)).expand_as(a))
+
+    g = torch.Generator().manual_seed(0)
+    t = L.draw_timesteps(4000, 1000, g, 100, 600)
+    assert int(t.min()) == 100 and int(t.max()) == 599          # kohya's [min_timestep, max_timestep)
+    g, h = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(L.draw_timesteps(64, 1000, g), torch.randint(0, 1000, (64,), generator=h))
+    with pytest.raises(SdloraError, match="min_timestep 600 must be below max_timestep 600"):
+        TrainConfig(min_timestep=600, max_timestep=600).validate()
 
 
 # --- bad input: one clear error, nothing written ---------------------------------------------------

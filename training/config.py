@@ -127,6 +127,12 @@ class TrainConfig:
                                "loss", low=0.0, resume="stream")
     noise_offset: float = opt(0.0, "noise offset (0.05-0.1 lets the model learn very dark/bright images; "
                                    "0: off)", "loss", low=0.0, resume="stream")
+    min_timestep: int = opt(0, "train on timesteps >= this only (kohya min_timestep)", "loss", low=0, high=999,
+                            resume="stream")
+    max_timestep: int = opt(1000, "train on timesteps < this only (kohya max_timestep). Low timesteps (little "
+                                  "noise) hold texture and line, high ones composition and colour: a lower "
+                                  "max_timestep leaves more of the base's content alone", "loss", low=1, high=1000,
+                            resume="stream")
     uncond_preservation: float = opt(0.0, "weight of a loss that keeps the LoRA's prediction for the empty "
                                     "prompt equal to the base model's (0: off). Images are made with classifier-free "
                                     "guidance, which scales up what the prompt changes but not what a LoRA changes for "
@@ -206,6 +212,8 @@ class TrainConfig:
         if self.base_lora:
             for spec in self.base_lora:
                 base_lora_spec(spec)         # PATH[:WEIGHT] (the files are checked when training starts)
+        if self.min_timestep >= self.max_timestep:
+            raise SdloraError(f"min_timestep {self.min_timestep} must be below max_timestep {self.max_timestep}")
         if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
             raise SdloraError(f"min_bucket_reso {self.min_bucket_reso} > max_bucket_reso {self.max_bucket_reso}")
         return self

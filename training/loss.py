@@ -18,8 +18,11 @@ def draw_noise(shape, generator: torch.Generator, noise_offset: float = 0.0) -> 
     return noise
 
 
-def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (n,), generator=generator)
+def draw_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, low: int = 0,
+                   high: int | None = None) -> torch.Tensor:
+    """Uniform timesteps in [low, high) (default: all of the schedule's)."""
+    high = num_train_timesteps if high is None else min(high, num_train_timesteps)
+    return torch.randint(low, high, (n,), generator=generator)
 
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -641,7 +641,8 @@ class Trainer:
             time_ids.append(sdxl_time_ids(original, crop, (bh, bw)))
         latents = torch.stack(lats).to(dev) if lats else self.vae_encoder(torch.stack(pixels), seeds).to(dev)
         noise = L.draw_noise(latents.shape, gen, cfg.noise_offset).to(dev)
-        t = L.draw_timesteps(len(batch), self.noise_scheduler.config.num_train_timesteps, gen).to(dev)
+        t = L.draw_timesteps(len(batch), self.noise_scheduler.config.num_train_timesteps, gen,
+                             cfg.min_timestep, cfg.max_timestep).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         kw = {"time_ids": torch.stack(time_ids).to(dev)} if self.family == "sdxl" else {}
         uncond_kw = dict(kw) if cfg.uncond_preservation else None
