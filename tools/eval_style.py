@@ -48,6 +48,8 @@ class StyleReport:
     shape_followed: list[bool] | None = None      # per LoRA image, when a shape check ran
     base_shape_followed: list[bool] | None = None
     half_scores: list[float] | None = None        # the LoRA at weight 0.5, when `half` was asked
+    # the LoRA at other weights, when asked: "0.75" -> {"style": scores, "colour": flags, "shape": flags}
+    at_weights: dict = field(default_factory=dict)
     train_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -70,6 +72,9 @@ class StyleReport:
                  f"(+{self.lora_mean - self.base_mean:.4f}; LoRA higher on {self.wins:.0%} of pairs)"]
         if self.half_scores is not None:
             lines.append(f"  style metric at LoRA weight 0.5: {statistics.fmean(self.half_scores):.4f}")
+        for w, r in self.at_weights.items():
+            rates = ", ".join(f"{k} followed {sum(v) / len(v):.0%}" for k, v in r.items() if k != "style" and v)
+            lines.append(f"  LoRA weight {w}: style metric {statistics.fmean(r['style']):.4f}, {rates}")
         for what, lora, base in (("colour", self.colour_followed, self.base_colour_followed),
                                  ("shape", self.shape_followed, self.base_shape_followed)):
             if lora is not None:
@@ -124,11 +129,12 @@ def held_out_prompts(prompts, style_dir: Path) -> list[str]:
 def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = "tiny CPU demo",
              overrides: dict | None = None, prompts=DEFAULT_PROMPTS, prompt_prefix: str = "", seeds=(0, 1, 2, 3),
              out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None,
-             shape_metric=None, half: bool = False) -> StyleReport:
+             shape_metric=None, half: bool = False, weights=()) -> StyleReport:
     """Train on `style_dir` with `preset` (+ overrides; preset None: the base model's own defaults,
     as `sdlora train FOLDER` with no preset), score base vs LoRA images. `base`: a diffusers pipeline
     or None for the trainer's default base model. `shape_metric(image, shape) -> bool` checks the
-    prompt's shape; `half` also scores the LoRA at weight 0.5."""
+    prompt's shape; `half` also scores the LoRA at weight 0.5 (style metric), `weights` at each
+    of those weights (style metric, colour and shape: StyleReport.at_weights)."""
     import time
     from sdlora.pipelines import load_base
     from sdlora.training.config import build_config
@@ -170,7 +176,11 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     if half:
         trainer.network.set_multiplier(0.5)
         half_images = images("half")
-        trainer.network.set_multiplier(1.0)
+    weighted = {}
+    for w in weights:
+        trainer.network.set_multiplier(w)
+        weighted[f"{w:g}"] = lora_images if w == 1 else images(f"w{w:g}")
+    trainer.network.set_multiplier(1.0)
     trainer.network.remove()
 
     report = StyleReport(str(style_dir), full, list(seeds), [float(metric(im, style_dir)) for im in base_images],
@@ -179,10 +189,15 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     if half_images is not None:
         report.half_scores = [float(metric(im, style_dir)) for im in half_images]
     shapes = [shape_of(p) for p in kept] * len(seeds)
+    colours = [colour_of(p) for p in kept] * len(seeds)
+    for w, ims in weighted.items():
+        report.at_weights[w] = {
+            "style": [float(metric(im, style_dir)) for im in ims],
+            "colour": [bool(colour_metric(im, c)) for im, c in zip(ims, colours)] if colour_metric and all(colours) else [],
+            "shape": [bool(shape_metric(im, sh)) for im, sh in zip(ims, shapes)] if shape_metric and all(shapes) else []}
     if shape_metric is not None and all(shapes):
         report.shape_followed = [bool(shape_metric(im, s)) for im, s in zip(lora_images, shapes)]
         report.base_shape_followed = [bool(shape_metric(im, s)) for im, s in zip(base_images, shapes)]
-    colours = [colour_of(p) for p in kept] * len(seeds)
     if colour_metric is not None and all(colours):
         report.colour_followed = [bool(colour_metric(im, c)) for im, c in zip(lora_images, colours)]
         report.base_colour_followed = [bool(colour_metric(im, c)) for im, c in zip(base_images, colours)]
@@ -204,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="training options, as in a config file (e.g. rank=16 train_text_encoder=true)")
     p.add_argument("--half", action="store_true", help="also score the LoRA at weight 0.5")
+    p.add_argument("--weights", type=float, nargs="*", default=[],
+                   help="also score the LoRA at these weights (style metric, colour, shape)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the preset's)")
     p.add_argument("--base", default="", help="base model (default: the embedded one)")
     p.add_argument("--metric", help="style metric as module:function (default: tools.metrics.style_score)")
@@ -228,7 +245,8 @@ def main(argv=None) -> int:
         prefix = prefix or f"{a.trigger}, "
     report = evaluate(a.style_dir, metric=metric, colour_metric=colour, preset=a.preset or None, overrides=overrides,
                       prompts=a.prompts, prompt_prefix=prefix, seeds=tuple(range(a.seeds)), out_dir=a.out,
-                      steps=a.sample_steps, shape_metric=default_shape_metric(), half=a.half)
+                      steps=a.sample_steps, shape_metric=default_shape_metric(), half=a.half,
+                      weights=tuple(a.weights))
     print(report.summary())
     return 0
 

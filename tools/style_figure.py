@@ -6,7 +6,8 @@ weight 0.5 / LoRA at weight 1 on the same prompts (not in the captions) and seed
 
 Every number comes from tools/eval_style.py (the images in the picture are the ones it scored);
 the trigger of a folder is tools/make_styles.TRIGGERS' (else the folder's name + "style").
-Prints a Markdown table and writes WORK/report.json.
+Prints two Markdown tables (the LoRA against the base; the LoRA at the weights WEIGHTS) and writes
+WORK/report.json.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROWS = (("base", "base"), ("half", "LoRA 0.5"), ("lora", "LoRA 1"))
+WEIGHTS = (0.5, 0.75, 1.0)   # the second table: the same LoRA at these weights
 
 
 def trigger_for(folder: Path) -> str:
@@ -35,6 +37,15 @@ def table_row(name: str, r) -> str:
     return (f"| `{name}` | {r.base_mean:.2f} → {half:.2f} → {r.lora_mean:.2f} (+{r.lora_mean - r.base_mean:.2f}) "
             f"| {r.wins:.0%} | {rate(r.base_shape_followed)} → {rate(r.shape_followed)} "
             f"| {rate(r.base_colour_followed)} → {rate(r.colour_followed)} | {r.train_seconds:.0f} s |")
+
+
+def weight_row(name: str, r) -> str:
+    """Style gain over the base / colour followed / shape followed, at each of WEIGHTS."""
+    cells = []
+    for w in WEIGHTS:
+        at = r.at_weights[f"{w:g}"]
+        cells.append(f"+{statistics.fmean(at['style']) - r.base_mean:.2f} / {rate(at['colour'])} / {rate(at['shape'])}")
+    return f"| `{name}` | " + " | ".join(cells) + " |"
 
 
 def figure(work: Path, names: list[str], n_prompts: int, seeds: list[int], scale: int = 2) -> Image.Image:
@@ -68,16 +79,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from tools import eval_style as E
     metric, colour = E.default_metrics()
-    names, reports, rows, n_prompts = [], {}, [], None
+    names, reports, rows, weight_rows, n_prompts = [], {}, [], [], None
     for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
         trig = trigger_for(folder)
         r = E.evaluate(folder, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(), half=True,
+                       weights=WEIGHTS,
                        preset=None, overrides={"trigger": trig}, prompt_prefix=f"{trig}, ",
                        seeds=tuple(range(a.seeds)), out_dir=a.work / folder.name)
         print(r.summary(), flush=True)
         names.append(folder.name)
         reports[folder.name] = json.loads(r.to_json())
         rows.append(table_row(folder.name, r))
+        weight_rows.append(weight_row(folder.name, r))
         # a folder whose captions contain a default prompt scores one prompt fewer: show what all have
         n_prompts = min(n_prompts or len(r.prompts), len(r.prompts))
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +99,8 @@ def main(argv=None) -> int:
     print("| style | style metric: base → LoRA 0.5 → LoRA 1 | LoRA nearer the style | shape followed, base → LoRA "
           "| colour followed, base → LoRA | training |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print("\n| style | " + " | ".join(f"weight {w:g}" for w in WEIGHTS) + " |\n|---|" + "---|" * len(WEIGHTS))
+    print("\n".join(weight_rows))
     return 0
 
 
