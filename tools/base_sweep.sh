@@ -1,25 +1,24 @@
 #!/usr/bin/env bash
 # A base-model sweep for one GPU session (run from the repo root with sdlora importable):
 #   DEV=cuda MIN=4.5 OUT=results bash tools/base_sweep.sh
-# trains the VAE once, then three UNet recipes side by side on the one device for MIN minutes each
-# (make_base_model --unet-minutes), evaluates each (eval_base_model), and LoRA-trains the three
-# style folders on the best one (eval_style). OUT gets a summary log and, per model, the text
-# encoder weights (gzipped) and a tar of the rest. Smoke test on a CPU:
-#   DEV=cpu MIN=0.1 TMO=400 SCENES=600 VSCENES=600 VSTEPS=10 DSTEPS=5 BA=4 BC=4 bash tools/base_sweep.sh
-DEV=${DEV:-cuda}; MIN=${MIN:-5}; SCENES=${SCENES:-48000}; VSTEPS=${VSTEPS:-3000}; DSTEPS=${DSTEPS:-1000}
+# trains three UNet recipes side by side on the one device for MIN minutes each (make_base_model
+# --unet-minutes) with the shipped VAE and the built text encoder, evaluates each (eval_base_model),
+# and LoRA-trains the three style folders on the best one (eval_style). The recipes test what may
+# lift the shipped base's held-out shape score (0.62; the bar is 0.85): A the shipped stage-1 recipe
+# trained longer at a larger batch (shape was still rising when its CPU run ended), B the same with
+# SD1.5's two resnets per block, C the same with 4 attention heads. OUT gets a summary log and, per
+# model, a tar of the model folder. Smoke test on a CPU:
+#   DEV=cpu MIN=0.1 TMO=400 SCENES=600 BA=4 BC=4 STYLE_BY=0 bash tools/base_sweep.sh
+DEV=${DEV:-cuda}; MIN=${MIN:-5}; SCENES=${SCENES:-48000}
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/b}; mkdir -p $OUT $W
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 ( nvidia-smi -L; python3 -c "import torch,diffusers,transformers;print(torch.__version__,diffusers.__version__,transformers.__version__)" ) 2>&1 | tee $OUT/summary.log
-el vae | tee -a $OUT/summary.log
-python3 -m tools.make_base_model --device $DEV --out $W/v0 --scenes ${VSCENES:-16000} --vae-steps $VSTEPS --vae-batch 64 \
-  --decoder-steps $DSTEPS --unet-steps 0 --eval-every 0 --vae-cache $W/vae > $W/vae.log 2>&1 || { tail -30 $W/vae.log; exit 1; }
-grep -E "vae step [0-9]+00/|decoder step.*/|MSE|scaling" $W/vae.log | tail -6 | tee -a $OUT/summary.log
 el unets | tee -a $OUT/summary.log
-common="--device $DEV --vae-cache $W/vae --scenes $SCENES --heads 4 --train-text-encoder --unet-minutes $MIN --eval-every 0"
-timeout ${TMO:-$(( ${MIN%.*} * 60 + 150 ))} python3 -m tools.make_base_model $common --out $W/A --zero-snr --noise-offset 0 --unet-batch ${BA:-128} > $W/A.log 2>&1 &
-timeout ${TMO:-$(( ${MIN%.*} * 60 + 150 ))} python3 -m tools.make_base_model $common --out $W/B --noise-offset 0.1 --unet-batch ${BA:-128} > $W/B.log 2>&1 &
-timeout ${TMO:-$(( ${MIN%.*} * 60 + 150 ))} python3 -m tools.make_base_model $common --out $W/C --zero-snr --noise-offset 0 --unet-batch ${BC:-256} --unet-lr 1.5e-3 > $W/C.log 2>&1 &
+common="--device $DEV --vae-cache sample_data/models/tiny-sd/vae --scenes $SCENES --unet-minutes $MIN --eval-every 0"
+timeout ${TMO:-$(( ${MIN%.*} * 60 + 150 ))} python3 -m tools.make_base_model $common --out $W/A --unet-batch ${BA:-128} > $W/A.log 2>&1 &
+timeout ${TMO:-$(( ${MIN%.*} * 60 + 150 ))} python3 -m tools.make_base_model $common --out $W/B --layers-per-block 2 --unet-batch ${BA:-128} > $W/B.log 2>&1 &
+timeout ${TMO:-$(( ${MIN%.*} * 60 + 150 ))} python3 -m tools.make_base_model $common --out $W/C --heads 4 --unet-batch ${BC:-128} > $W/C.log 2>&1 &
 wait
 el evals | tee -a $OUT/summary.log
 for r in A B C; do
@@ -30,9 +29,8 @@ wait
 for r in A B C; do
   [ -f $W/$r/model_index.json ] || continue
   echo "== $r" >> $OUT/summary.log; grep -v Warning $W/$r.eval | tail -60 >> $OUT/summary.log
-  cp $W/$r.log $W/$r.eval $W/vae.log $W/$r/ 2>/dev/null
-  gzip -1 -c $W/$r/text_encoder/model.safetensors > $OUT/$r-te.safetensors.gz
-  tar -C $W -cf $OUT/$r.tar --exclude=text_encoder/model.safetensors --exclude=tokenizer $r
+  cp $W/$r.log $W/$r.eval $W/$r/ 2>/dev/null
+  tar -C $W -cf $OUT/$r.tar --exclude=tokenizer $r
 done
 best=$(python3 - "$W" <<'PY'
 import json, sys, pathlib
@@ -50,7 +48,7 @@ PY
 el "best $best; styles" | tee -a $OUT/summary.log
 if [ $(( $(date +%s) - T0 )) -lt ${STYLE_BY:-470} ]; then
   for s in neon halftone toon; do
-    timeout ${STMO:-100} python3 -m tools.eval_style sample_data/styles/$s --base $W/$best --trigger zqx --half \
+    timeout ${STMO:-100} python3 -m tools.eval_style sample_data/styles/$s --base $W/$best --trigger ${s}style --weights 0.5 0.75 \
       --preset tiny-cpu-demo --set device=\"$DEV\" --out $W/style-$s > $W/style-$s.log 2>&1 &
   done
   wait
