@@ -172,35 +172,34 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     seconds = time.time() - t0
     trainer.network.eval()
     lora_images = images("lora")
-    half_images = None
-    if half:
-        trainer.network.set_multiplier(0.5)
-        half_images = images("half")
-    weighted = {}
-    for w in weights:
-        trainer.network.set_multiplier(w)
-        weighted[f"{w:g}"] = lora_images if w == 1 else images(f"w{w:g}")
+    by_weight = {1.0: lora_images}          # each weight's images made once (half is weight 0.5)
+    for w in ((0.5,) if half else ()) + tuple(weights):
+        if w not in by_weight:
+            trainer.network.set_multiplier(w)
+            by_weight[w] = images("half" if w == 0.5 else f"w{w:g}")
     trainer.network.set_multiplier(1.0)
     trainer.network.remove()
 
-    report = StyleReport(str(style_dir), full, list(seeds), [float(metric(im, style_dir)) for im in base_images],
-                         [float(metric(im, style_dir)) for im in lora_images], str(result.output), notes=notes,
-                         train_seconds=seconds)
-    if half_images is not None:
-        report.half_scores = [float(metric(im, style_dir)) for im in half_images]
     shapes = [shape_of(p) for p in kept] * len(seeds)
     colours = [colour_of(p) for p in kept] * len(seeds)
-    for w, ims in weighted.items():
-        report.at_weights[w] = {
-            "style": [float(metric(im, style_dir)) for im in ims],
-            "colour": [bool(colour_metric(im, c)) for im, c in zip(ims, colours)] if colour_metric and all(colours) else [],
-            "shape": [bool(shape_metric(im, sh)) for im, sh in zip(ims, shapes)] if shape_metric and all(shapes) else []}
-    if shape_metric is not None and all(shapes):
-        report.shape_followed = [bool(shape_metric(im, s)) for im, s in zip(lora_images, shapes)]
-        report.base_shape_followed = [bool(shape_metric(im, s)) for im, s in zip(base_images, shapes)]
-    if colour_metric is not None and all(colours):
-        report.colour_followed = [bool(colour_metric(im, c)) for im, c in zip(lora_images, colours)]
-        report.base_colour_followed = [bool(colour_metric(im, c)) for im, c in zip(base_images, colours)]
+    check_shape, check_colour = shape_metric is not None and all(shapes), colour_metric is not None and all(colours)
+
+    def scored(ims) -> dict:
+        return {"style": [float(metric(im, style_dir)) for im in ims],
+                "colour": [bool(colour_metric(im, c)) for im, c in zip(ims, colours)] if check_colour else [],
+                "shape": [bool(shape_metric(im, sh)) for im, sh in zip(ims, shapes)] if check_shape else []}
+    base_checks = scored(base_images)
+    checks = {w: scored(by_weight[w]) for w in {1.0, *weights}}
+    report = StyleReport(str(style_dir), full, list(seeds), base_checks["style"], checks[1.0]["style"],
+                         str(result.output), notes=notes, train_seconds=seconds)
+    if half:
+        report.half_scores = checks[0.5]["style"] if 0.5 in checks else [float(metric(im, style_dir))
+                                                                          for im in by_weight[0.5]]
+    report.at_weights = {f"{w:g}": checks[w] for w in weights}
+    if check_shape:
+        report.shape_followed, report.base_shape_followed = checks[1.0]["shape"], base_checks["shape"]
+    if check_colour:
+        report.colour_followed, report.base_colour_followed = checks[1.0]["colour"], base_checks["colour"]
     else:
         report.notes.append("colour check not run: " + ("no colour function" if colour_metric is None
                                                         else "a prompt names no colour"))

@@ -5,9 +5,9 @@ No learned weights: a picture's background is the median colour of its border, i
 pixels far from that colour; colour = the named colour most foreground pixels are nearest to;
 shape = how much of its bounding box the largest foreground blob fills (an upright triangle 1/2,
 a circle pi/4, a square 1). Styled pictures (dots, outlines, pastel fills) get their own checks,
-classify_drawn_colour (by hue) and classify_drawn_shape (by convex hull). The style score projects a few colour/edge/frequency statistics onto
-the direction from the base scenes' mean to the style's mean: 0 = looks like the base scenes,
-1 = looks like the style folder.
+classify_drawn_colour (by hue) and classify_drawn_shape (by convex hull). The style score
+projects a few colour/edge/frequency statistics onto the direction from the base scenes' mean to
+the style's mean: 0 = looks like the base scenes, 1 = looks like the style folder.
 """
 from __future__ import annotations
 
