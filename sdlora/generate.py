@@ -68,7 +68,7 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
                      width: int | None = None, height: int | None = None, batch: int = 1,
                      lora_dir=DEFAULT_LORA_DIR, progress: bool = True, mode: str = "auto",
                      prompt_loras: Sequence[Sequence[LoraRef]] | None = None, seeds: Sequence[int] | None = None,
-                     on_step: Callable[[int, int], None] | None = None) -> list[Generated]:
+                     on_step: Callable[[int, int], None] | None = None, s_min_uncond: float = 0.0) -> list[Generated]:
     """`batch` images per prompt, all in one pipeline run. `<lora:...>` tags in each prompt are looked
     up in `lora_dir` and apply to that prompt's images only, with `loras` (explicit LoraRefs with
     paths) on every image and `prompt_loras[i]` (LoraRefs with paths, one list per prompt) on prompt
@@ -76,13 +76,17 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
     patched into the weights; different mixes are routed per image (sdlora.routing); `mode` ("auto",
     "patch", "route") forces one, and each result's `mode` says which was used. Image i
     (prompt-major) uses seed + i, or seeds[i] when `seeds` (one per image) is given.
-    `on_step(done, total)` is called after each denoising step (the UI's progress bar)."""
+    `on_step(done, total)` is called after each denoising step (the UI's progress bar).
+    `s_min_uncond` > 0: no CFG for the steps whose sigma is below it (A1111's NGMS; sdlora.guidance)."""
     import torch
     from sdlora.extra_networks import parse_prompt, resolve
     from sdlora.mixing import MixEntry
     from sdlora.routing import use_mixes
+    from sdlora.guidance import skip_uncond_below
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
+    if not s_min_uncond >= 0:
+        raise ValueError(f"s_min_uncond must be a sigma >= 0 (0: off), got {s_min_uncond}")
     if not prompts:
         raise ValueError("no prompt given")
     own = [list(refs) for refs in prompt_loras] if prompt_loras is not None else [[] for _ in prompts]
@@ -108,17 +112,18 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
         seeds = [seed + i for i in range(len(texts))]
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
-    step_kw = {} if on_step is None else {"callback_on_step_end": _step_callback(on_step, steps)}
+    step_kw = dict({"guidance_scale": cfg}, **skip_uncond_below(
+        pipe, s_min_uncond, steps, chain=_step_callback(on_step, steps) if on_step else None))
     with torch.no_grad(), use_mixes(pipe, mixes, mode=mode) as how:
         images = pipe(texts, negative_prompt=[negative] * len(texts) if negative else None,
-                      num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                      num_inference_steps=steps, width=width, height=height,
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **step_kw).images
     return _results(base, images, seeds, shown, image_loras, how, negative=negative, steps=steps, cfg=cfg,
-                    sampler=sampler, size=f"{width}x{height}")
+                    sampler=sampler, size=f"{width}x{height}", s_min_uncond=s_min_uncond)
 
 
 def _results(base, images, seeds, shown, image_loras, how: str, *, negative: str, steps: int, cfg: float,
-             sampler: str, size: str) -> list[Generated]:
+             sampler: str, size: str, s_min_uncond: float = 0.0) -> list[Generated]:
     """Each image with its A1111 infotext. The infotext keeps the prompt as written (with its tags)
     plus tags for --lora LoRAs, as A1111 does, so "reuse parameters" brings the LoRAs back; hashes
     name that image's own LoRAs (each file hashed once)."""
@@ -130,7 +135,10 @@ def _results(base, images, seeds, shown, image_loras, how: str, *, negative: str
                 hashes[r.path] = lora_hash(r.path)
         value = lora_hashes_value({r.name: hashes[r.path] for r in refs}) if refs else None
         params = {"Steps": steps, "Sampler": sampler, "CFG scale": f"{cfg:g}", "Seed": s, "Size": size,
-                  "Model hash": base.hash, "Model": base.name, "Lora hashes": value, "Version": f"sdlora {__version__}"}
+                  "Model hash": base.hash, "Model": base.name, "Lora hashes": value,
+                  # A1111's names; "all steps": sdlora skips every step below the sigma, A1111 by default every other
+                  "NGMS": f"{s_min_uncond:g}" if s_min_uncond else None,
+                  "NGMS all steps": "True" if s_min_uncond else None, "Version": f"sdlora {__version__}"}
         out.append(Generated(image, s, build(text, negative, params), how))
     return out
 
@@ -207,6 +215,9 @@ def add_arguments(parser, name: str = "generate") -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                         help=f"denoising steps (default {DEFAULT_STEPS}); more steps take longer")
     parser.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+    parser.add_argument("--s-min-uncond", type=float, default=0.0, metavar="SIGMA",
+                        help="no CFG once the noise level sigma is below SIGMA (A1111's 'Negative Guidance minimum "
+                             "sigma', NGMS; SD's sigmas run from 14.6 to 0.03); 0 (default, as A1111): CFG every step")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
                         help=f"A1111 sampler name (default {DEFAULT_SAMPLER!r}); one of: {', '.join(SAMPLERS)}")
     parser.add_argument("--width", type=int, default=None, help="default: the model's native size (512 for SD1.x, 1024 for SDXL)")
@@ -264,7 +275,8 @@ def run(args) -> int:
     base = load_base(args.base, device=device, dtype=dtype, base_precision=args.base_precision)
     results = generate_prompts(base, prompts, negative=args.negative, loras=loras, seed=args.seed, steps=args.steps,
                                cfg=args.cfg, sampler=sampler, width=args.width, height=args.height,
-                               batch=args.batch, lora_dir=args.loras, mode=args.mix_mode)
+                               batch=args.batch, lora_dir=args.loras, mode=args.mix_mode,
+                               s_min_uncond=args.s_min_uncond)
     mixes = len({tuple(parse_prompt(p)[1]) for p in prompts})
     how, n = results[0].mode, len(results)
     if loras or any(parse_prompt(p)[1] for p in prompts):     # nothing to say without LoRAs

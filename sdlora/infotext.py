@@ -88,7 +88,8 @@ class Infotext:
         size = self.size
         out = {"prompt": self.prompt, "negative": self.negative_prompt, "steps": self.get_int("Steps"),
                "cfg": self.get_float("CFG scale"), "seed": self.get_int("Seed"), "sampler": self.sampler,
-               "width": size[0] if size else None, "height": size[1] if size else None}
+               "width": size[0] if size else None, "height": size[1] if size else None,
+               "s_min_uncond": self.get_float("NGMS")}
         return {k: v for k, v in out.items() if v is not None}
 
     def build(self) -> str:

@@ -42,7 +42,9 @@ def prompts_for(pairs) -> list[tuple[str, str, str, str]]:
 
 
 @torch.no_grad()
-def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps=STEPS, cfg=CFG, batch=48):
+def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps=STEPS, cfg=CFG, batch=48,
+                    s_min_uncond: float = 0.0):
+    from sdlora.guidance import skip_uncond_below
     from sdlora.samplers import DEFAULT_SAMPLER, make_scheduler
     pipe.scheduler = make_scheduler(DEFAULT_SAMPLER, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -51,18 +53,18 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps=STEPS, 
     for i in range(0, len(jobs), batch):
         chunk = jobs[i:i + batch]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                   output_type="np").images
+        out = pipe([p for p, _ in chunk], num_inference_steps=steps, generator=gens, output_type="np",
+                   **dict({"guidance_scale": cfg}, **skip_uncond_below(pipe, s_min_uncond, steps))).images
         images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return images
 
 
 def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images: bool = False,
-             prefix: str = "") -> dict:
+             prefix: str = "", s_min_uncond: float = 0.0) -> dict:
     """Scores of the images for `pairs` (see prompts_for); `prefix` goes before every prompt (e.g. a
     trigger word the model has never seen, as a style LoRA's prompts start)."""
     prompts = prompts_for(pairs)
-    images = generate_images(pipe, [prefix + p[0] for p in prompts], list(range(seeds)))
+    images = generate_images(pipe, [prefix + p[0] for p in prompts], list(range(seeds)), s_min_uncond=s_min_uncond)
     truth = [p[1:] for p in prompts for _ in range(seeds)]
     named = [(im, bg) for im, (_, _, bg) in zip(images, truth) if bg]
     result = {"images": len(images),
@@ -98,18 +100,21 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default="zqx, ", help="also score held-out prompts that start with this "
                    "unknown word, as a style LoRA's prompts start with its trigger word")
     p.add_argument("--device", default="cpu", help="torch device to generate on (cpu, cuda, ...)")
+    p.add_argument("--s-min-uncond", type=float, default=0.0, metavar="SIGMA",
+                   help="generate's --s-min-uncond (A1111's NGMS): no CFG below this sigma (default 0: off)")
     p.add_argument("--grid", type=Path, default=None, help="save a PNG grid of the held-out images")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     from sdlora.pipelines import load_base
     pipe = load_base(a.model, device=a.device).pipe
-    held = evaluate(pipe, seeds=a.seeds, log=None, return_images=True)
+    ngms = {"s_min_uncond": a.s_min_uncond}
+    held = evaluate(pipe, seeds=a.seeds, log=None, return_images=True, **ngms)
     seen_pairs = [(c, s) for c in S.COLOURS for s in S.SHAPES if (c, s) not in S.HELD_OUT]
-    seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None)
+    seen = evaluate(pipe, seeds=max(1, a.seeds // 2), pairs=seen_pairs, log=None, **ngms)
     images = held.pop("_images")
-    after_prefix = evaluate(pipe, seeds=a.seeds, log=None, prefix=a.prefix)
+    after_prefix = evaluate(pipe, seeds=a.seeds, log=None, prefix=a.prefix, **ngms)
     report = {"held_out_pairs": held, "seen_pairs": seen, f"held_out_pairs after {a.prefix!r}": after_prefix,
-              "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG}
+              "sampler": "DPM++ 2M Karras", "steps": STEPS, "cfg": CFG, "s_min_uncond": a.s_min_uncond}
     report["vae_mse"] = vae_report(pipe.vae, a.styles)
     if a.styles:
         from tools.metrics import StyleMetric
