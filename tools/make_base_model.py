@@ -243,7 +243,9 @@ def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_i
     sched = DDPMScheduler.from_config(scheduler_config(zero_snr))
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    if zero_snr:  # min-SNR on the v-loss's own scale (snr + 1): weight 1 where noise dominates, incl. t=999
+    if not snr_gamma:
+        weight_t = torch.ones_like(snr)
+    elif zero_snr:  # min-SNR on the v-loss's own scale (snr + 1): weight 1 where noise dominates, incl. t=999
         weight_t = torch.clamp(snr + 1, max=snr_gamma) / (snr + 1)
     else:         # min-SNR for epsilon prediction
         weight_t = torch.clamp(snr, max=snr_gamma) / snr
@@ -438,6 +440,10 @@ def main(argv=None) -> int:
                         "background from that leak and, when sampling from pure noise, from the seed instead of "
                         "the prompt. The per-channel mean of 16x16 latent noise has std 1/16, 4x that of SD's 64x64, "
                         "so the 0.1 usual for SD corresponds to about 0.4 here")
+    p.add_argument("--snr-gamma", type=float, default=5.0,
+                   help="min-SNR loss weighting's gamma (0: none, every timestep weighted alike in epsilon)")
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="fraction of training captions replaced by the empty prompt (the unconditional branch of CFG)")
     p.add_argument("--shape-weight", type=float, default=0.0,
                    help="extra loss weight on the latent pixels around each scene's shape (see shape_focus)")
     p.add_argument("--prefix-words", type=float, default=0.5,
@@ -528,7 +534,7 @@ def main(argv=None) -> int:
                                   init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
                                   layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
                                   zero_snr=a.zero_snr, train_text_encoder=a.train_text_encoder,
-                                  prefixes=prefixes,
+                                  prefixes=prefixes, snr_gamma=a.snr_gamma, dropout=a.caption_dropout,
                                   focus=shape_focus(images, specs, a.shape_weight) if a.shape_weight else None)
     text_encoder = trained_te or text_encoder
     minutes, cpu_minutes = (time.time() - t_start) / 60, (time.process_time() - cpu_start) / 60
