@@ -129,12 +129,13 @@ def held_out_prompts(prompts, style_dir: Path) -> list[str]:
 def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = "tiny CPU demo",
              overrides: dict | None = None, prompts=DEFAULT_PROMPTS, prompt_prefix: str = "", seeds=(0, 1, 2, 3),
              out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None,
-             shape_metric=None, half: bool = False, weights=()) -> StyleReport:
+             shape_metric=None, half: bool = False, weights=(), s_min_uncond: float = 0.0) -> StyleReport:
     """Train on `style_dir` with `preset` (+ overrides; preset None: the base model's own defaults,
     as `sdlora train FOLDER` with no preset), score base vs LoRA images. `base`: a diffusers pipeline
     or None for the trainer's default base model. `shape_metric(image, shape) -> bool` checks the
     prompt's shape; `half` also scores the LoRA at weight 0.5 (style metric), `weights` at each
-    of those weights (style metric, colour and shape: StyleReport.at_weights)."""
+    of those weights (style metric, colour and shape: StyleReport.at_weights). `s_min_uncond`: no
+    CFG below this sigma when sampling (generate's --s-min-uncond)."""
     import time
     from sdlora.pipelines import load_base
     from sdlora.training.config import build_config
@@ -158,7 +159,8 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     def images(tag):
         ims = []
         for seed in seeds:       # prompt i of seed s uses generator seed s*1000 + i
-            batch = generate(pipe, full, seed=seed * 1000, steps=steps, cfg=cfg_scale, size=size)
+            batch = generate(pipe, full, seed=seed * 1000, steps=steps, cfg=cfg_scale, size=size,
+                             s_min_uncond=s_min_uncond)
             for i, im in enumerate(batch):
                 write_png(im, out_dir / f"{tag}-seed{seed}-p{i}.png")
             ims += batch
@@ -228,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-prefix", default="", help="put before every prompt (e.g. the trigger word + ', ')")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--s-min-uncond", type=float, default=0.0, metavar="SIGMA",
+                   help="no CFG below this sigma when sampling (generate's --s-min-uncond; default 0: off)")
     a = p.parse_args(argv)
     metric, colour = default_metrics()
     metric = load_function(a.metric) if a.metric else metric
@@ -245,7 +249,7 @@ def main(argv=None) -> int:
     report = evaluate(a.style_dir, metric=metric, colour_metric=colour, preset=a.preset or None, overrides=overrides,
                       prompts=a.prompts, prompt_prefix=prefix, seeds=tuple(range(a.seeds)), out_dir=a.out,
                       steps=a.sample_steps, shape_metric=default_shape_metric(), half=a.half,
-                      weights=tuple(a.weights))
+                      weights=tuple(a.weights), s_min_uncond=a.s_min_uncond)
     print(report.summary())
     return 0
 

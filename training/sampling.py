@@ -27,16 +27,18 @@ def sampling_pipeline(pipe):
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], *, seed: int, steps: int, cfg: float, size: int, autocast=None,
-             negative: str = "") -> list:
+             negative: str = "", s_min_uncond: float = 0.0) -> list:
     """One PIL image per prompt; prompt i uses generator seed `seed + i`. `autocast`: a context
-    manager factory (e.g. `accelerator.autocast`)."""
+    manager factory (e.g. `accelerator.autocast`). `s_min_uncond`: no CFG below this sigma
+    (sdlora.guidance; 0: CFG every step)."""
+    from sdlora.guidance import skip_uncond_below
     p = sampling_pipeline(pipe)
     images = []
     with (autocast() if autocast else nullcontext()):
         for i, prompt in enumerate(prompts):
             g = torch.Generator("cpu").manual_seed(seed + i)
-            images += p(prompt, negative_prompt=negative or None, num_inference_steps=steps, guidance_scale=cfg,
-                        height=size, width=size, generator=g).images
+            images += p(prompt, negative_prompt=negative or None, num_inference_steps=steps, height=size, width=size,
+                        generator=g, **dict({"guidance_scale": cfg}, **skip_uncond_below(p, s_min_uncond, steps))).images
     return images
 
 
