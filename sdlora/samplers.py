@@ -29,6 +29,11 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "DDIM": ("DDIMScheduler", {}),
     "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
+# what a model's scheduler config says about its training noise schedule (the rest is the sampler's)
+NOISE_SCHEDULE_KEYS = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                       "prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr",
+                       "clip_sample", "clip_sample_range", "set_alpha_to_one", "thresholding",
+                       "dynamic_thresholding_ratio", "sample_max_value"}
 _SCHEDULE_SUFFIX = {"karras": " Karras", "automatic": "", "uniform": "", "": ""}
 
 
@@ -48,8 +53,10 @@ def sampler_name(label: str, schedule_type: str | None = None) -> str:
 
 def make_scheduler(label: str, base_config):
     """A diffusers scheduler for an A1111 sampler label, keeping the model's noise schedule
-    (betas, prediction type, timestep spacing) from `base_config`."""
+    (betas, prediction type, timestep spacing, x0 clipping: NOISE_SCHEDULE_KEYS) from `base_config`."""
     import diffusers
     cls_name, extra = SAMPLERS[sampler_name(label)]
-    cfg = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    # only the model's noise schedule: a pipeline's scheduler config may be the previous sampler's,
+    # whose own settings must not carry over ("DPM++ 2M" after "DPM++ 2M Karras" kept Karras sigmas)
+    cfg = {k: v for k, v in dict(base_config).items() if k in NOISE_SCHEDULE_KEYS}
     return getattr(diffusers, cls_name).from_config(cfg, **extra)

@@ -97,6 +97,18 @@ def test_sampler_table(embedded):
         assert s.config.beta_schedule == cfg.beta_schedule and s.config.prediction_type == cfg.prediction_type
         for k, v in extra.items():
             assert s.config[k] == v
+    # the pipeline's config after another sampler gives the same scheduler as the model's own config
+    # (it once kept "use_karras_sigmas" from a Karras sampler: "DPM++ 2M" sampled Karras sigmas)
+    import inspect
+
+    def public(s):   # the settings the scheduler class takes (a config also keeps ones it ignores)
+        own = inspect.signature(type(s).__init__).parameters
+        return {k: v for k, v in s.config.items() if k in own}
+    fresh = {label: public(make_scheduler(label, cfg)) for label in SAMPLERS}
+    for before in SAMPLERS:
+        after = make_scheduler(before, cfg).config
+        for label in SAMPLERS:
+            assert public(make_scheduler(label, after)) == fresh[label], (before, label)
     assert sampler_name("dpm++ 2m karras") == "DPM++ 2M Karras"
     with pytest.raises(ValueError, match="Euler a"):
         sampler_name("nope")
