@@ -80,13 +80,12 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
     `s_min_uncond` > 0: no CFG for the steps whose sigma is below it (A1111's NGMS; sdlora.guidance)."""
     import torch
     from sdlora.extra_networks import parse_prompt, resolve
+    from sdlora.guidance import check_s_min_uncond, guidance_kwargs
     from sdlora.mixing import MixEntry
     from sdlora.routing import use_mixes
-    from sdlora.guidance import skip_uncond_below
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be at least 1 (got steps={steps}, batch={batch})")
-    if not s_min_uncond >= 0:
-        raise ValueError(f"s_min_uncond must be a sigma >= 0 (0: off), got {s_min_uncond}")
+    check_s_min_uncond(s_min_uncond)
     if not prompts:
         raise ValueError("no prompt given")
     own = [list(refs) for refs in prompt_loras] if prompt_loras is not None else [[] for _ in prompts]
@@ -112,8 +111,7 @@ def generate_prompts(base, prompts: list[str], *, negative: str = "", loras: lis
         seeds = [seed + i for i in range(len(texts))]
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=not progress, desc=f"{sampler}, {steps} steps")
-    step_kw = dict({"guidance_scale": cfg}, **skip_uncond_below(
-        pipe, s_min_uncond, steps, chain=_step_callback(on_step, steps) if on_step else None))
+    step_kw = guidance_kwargs(pipe, cfg, steps, s_min_uncond, chain=_step_callback(on_step, steps) if on_step else None)
     with torch.no_grad(), use_mixes(pipe, mixes, mode=mode) as how:
         images = pipe(texts, negative_prompt=[negative] * len(texts) if negative else None,
                       num_inference_steps=steps, width=width, height=height,
@@ -260,9 +258,11 @@ def prompts_of(args) -> list[str]:
 def run(args) -> int:
     import torch
     from sdlora.extra_networks import parse_lora_arg, parse_prompt, resolve
+    from sdlora.guidance import check_s_min_uncond
     from sdlora.paths import check_output_dir
     from sdlora.pipelines import load_base
     sampler = sampler_name(args.sampler)          # validate everything before loading anything
+    check_s_min_uncond(args.s_min_uncond)
     loras = [parse_lora_arg(s) for s in args.lora]
     prompts = prompts_of(args)
     from sdlora.formats import read_header

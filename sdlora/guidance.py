@@ -1,7 +1,7 @@
 """Classifier-free guidance that stops at low noise: A1111's "Negative Guidance minimum sigma".
 
-    from sdlora.guidance import skip_uncond_below
-    images = pipe(prompts, guidance_scale=7, **skip_uncond_below(pipe, 2.0)).images
+    from sdlora.guidance import guidance_kwargs
+    images = pipe(prompts, num_inference_steps=20, **guidance_kwargs(pipe, 7.0, 20, s_min_uncond=2.0)).images
 
 A1111's `s_min_uncond` (infotext "NGMS"; Forge: "Skip Negative Prompt during Later Steps"): once the
 noise level sigma of the next step is below it, the unconditional (negative-prompt) branch is no
@@ -34,29 +34,36 @@ def sigmas_of(scheduler, steps: int) -> list[float]:
     return [float(((1 - alphas[int(t)]) / alphas[int(t)]).sqrt()) for t in sched.timesteps]
 
 
-def skip_uncond_below(pipe, s_min_uncond: float, steps: int, chain=None) -> dict:
-    """Keyword arguments for `pipe(...)` that stop CFG for the steps whose sigma is below
+def check_s_min_uncond(s_min_uncond: float) -> None:
+    if not s_min_uncond >= 0:   # NaN too
+        raise ValueError(f"s_min_uncond must be a sigma >= 0 (0: off), got {s_min_uncond}")
+
+
+def guidance_kwargs(pipe, cfg: float, steps: int, s_min_uncond: float = 0.0, chain=None) -> dict:
+    """Keyword arguments for `pipe(...)`: CFG scale `cfg`, stopped for the steps whose sigma is below
     `s_min_uncond` (0: never). `chain(pipe, i, t, tensors)`: another step-end callback, called
-    first (e.g. a progress bar); its tensor outputs are kept. Returns {"guidance_scale": 1} when
-    even the first step is below (then CFG never runs), else the callback arguments."""
+    first (e.g. a progress bar); its tensor outputs are kept. When even the first step is below,
+    the scale is 1 (CFG never runs)."""
+    out = {"guidance_scale": cfg}
+    if chain:
+        out["callback_on_step_end"] = chain
     if s_min_uncond <= 0:
-        return {"callback_on_step_end": chain} if chain else {}
+        return out
     sigmas = sigmas_of(pipe.scheduler, steps)
     if sigmas[0] < s_min_uncond:
-        out = {"guidance_scale": 1.0}
-        return dict(out, callback_on_step_end=chain) if chain else out
+        return dict(out, guidance_scale=1.0)
     names = list(pipe._callback_tensor_inputs)
 
     def step_end(p, i, t, tensors):
-        out = dict(chain(p, i, t, tensors) or {}) if chain else {}
+        changed = dict(chain(p, i, t, tensors) or {}) if chain else {}
         nxt = i + 1
         if nxt < len(sigmas) and sigmas[nxt] < s_min_uncond and p.do_classifier_free_guidance:
             n = tensors["latents"].shape[0]
             for name, value in tensors.items():
-                value = out.get(name, value)
+                value = changed.get(name, value)
                 if name != "latents" and torch.is_tensor(value) and value.shape[0] == 2 * n:
-                    out[name] = value.chunk(2)[1]
+                    changed[name] = value.chunk(2)[1]
             p._guidance_scale = 1.0
-        return out
+        return changed
 
-    return {"callback_on_step_end": step_end, "callback_on_step_end_tensor_inputs": names}
+    return dict(out, callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=names)

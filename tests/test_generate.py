@@ -173,6 +173,8 @@ def test_cli(tmp_path, capsys):
     assert main(["generate", "x <lora:missing:1>", "--loras", str(tmp_path), "--out", str(out)]) == 2
     assert "no .safetensors" in capsys.readouterr().err
     assert main(["generate", "x", "--sampler", "Bogus", "--out", str(out)]) == 2
+    assert main(["generate", "x", "--s-min-uncond", "-1", "--out", str(out)]) == 2
+    assert "s_min_uncond must be a sigma >= 0" in capsys.readouterr().err
     assert len(list(out.glob("*.png"))) == 2
 
 

@@ -1,9 +1,9 @@
-"""CFG that stops below a sigma (A1111's NGMS, sdlora.guidance) against a hand-written sampling loop."""
+"""CFG that stops below a sigma (A1111's NGMS, sdlora.guidance.guidance_kwargs) against a hand-written sampling loop."""
 import numpy as np
 import pytest
 import torch
 
-from sdlora.guidance import sigmas_of, skip_uncond_below
+from sdlora.guidance import guidance_kwargs, sigmas_of
 from tiny import tiny_pipeline
 
 
@@ -24,16 +24,16 @@ def _unet_batches(pipe):
 @torch.no_grad()
 def test_matches_a_hand_written_loop():
     """The sampling loop written out: CFG (uncond + w (cond - uncond)) while sigma >= s_min_uncond,
-    the prompt's prediction alone after, Euler steps; the pipeline with skip_uncond_below must give it."""
+    the prompt's prediction alone after, Euler steps; the pipeline with guidance_kwargs must give it."""
     pipe = _euler(tiny_pipeline("sd1", seed=3))
     steps, w, s_min = 6, 5.0, 3.0
     sigmas = sigmas_of(pipe.scheduler, steps)
     assert sigmas == sorted(sigmas, reverse=True) and sigmas[0] > s_min > sigmas[-1]   # both kinds of step run
     prompts, size = ["a red circle", "a blue square"], 32
     sizes, handle = _unet_batches(pipe)
-    got = pipe(prompts, negative_prompt=["blurry"] * 2, num_inference_steps=steps, guidance_scale=w, height=size,
-               width=size, generator=torch.Generator().manual_seed(0), output_type="latent",
-               **skip_uncond_below(pipe, s_min, steps)).images
+    got = pipe(prompts, negative_prompt=["blurry"] * 2, num_inference_steps=steps, height=size, width=size,
+               generator=torch.Generator().manual_seed(0), output_type="latent",
+               **guidance_kwargs(pipe, w, steps, s_min)).images
     handle.remove()
     assert sizes == [4 if s >= s_min else 2 for s in sigmas]        # the uncond branch is not computed
 
@@ -62,9 +62,8 @@ def test_off_and_always(family):
     sigmas = sigmas_of(pipe.scheduler, steps)
 
     def run(cfg, s_min):
-        args = dict({"guidance_scale": cfg}, **skip_uncond_below(pipe, s_min, steps))
         return pipe(["a cat", "a dog"], num_inference_steps=steps, generator=torch.Generator().manual_seed(2),
-                    **kw, **args).images
+                    **kw, **guidance_kwargs(pipe, cfg, steps, s_min)).images
 
     plain, plain_1 = run(4.0, 0.0), run(1.0, 0.0)
     assert torch.equal(run(4.0, sigmas[-1] / 2), plain)
@@ -80,8 +79,8 @@ def test_step_callback_still_called():
     pipe = _euler(tiny_pipeline("sd1", seed=2))
     seen = []
     chain = lambda p, i, t, tensors: seen.append(i) or {}   # noqa: E731
-    pipe("x", num_inference_steps=3, guidance_scale=3, height=32, width=32, output_type="latent",
-         **skip_uncond_below(pipe, sigmas_of(pipe.scheduler, 3)[1] * 0.5, 3, chain=chain))
+    pipe("x", num_inference_steps=3, height=32, width=32, output_type="latent",
+         **guidance_kwargs(pipe, 3.0, 3, sigmas_of(pipe.scheduler, 3)[1] * 0.5, chain=chain))
     assert seen == [0, 1, 2]   # the progress callback runs on every step, before and after CFG stops
 
 

@@ -44,17 +44,18 @@ def prompts_for(pairs) -> list[tuple[str, str, str, str]]:
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps=STEPS, cfg=CFG, batch=48,
                     s_min_uncond: float = 0.0):
-    from sdlora.guidance import skip_uncond_below
+    from sdlora.guidance import guidance_kwargs
     from sdlora.samplers import DEFAULT_SAMPLER, make_scheduler
     pipe.scheduler = make_scheduler(DEFAULT_SAMPLER, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    guidance = guidance_kwargs(pipe, cfg, steps, s_min_uncond)
     jobs = [(p, s) for p in prompts for s in seeds]
     images = []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i:i + batch]
         gens = [torch.Generator().manual_seed(s) for _, s in chunk]
         out = pipe([p for p, _ in chunk], num_inference_steps=steps, generator=gens, output_type="np",
-                   **dict({"guidance_scale": cfg}, **skip_uncond_below(pipe, s_min_uncond, steps))).images
+                   **guidance).images
         images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
     return images
 

@@ -31,14 +31,15 @@ def generate(pipe, prompts: list[str], *, seed: int, steps: int, cfg: float, siz
     """One PIL image per prompt; prompt i uses generator seed `seed + i`. `autocast`: a context
     manager factory (e.g. `accelerator.autocast`). `s_min_uncond`: no CFG below this sigma
     (sdlora.guidance; 0: CFG every step)."""
-    from sdlora.guidance import skip_uncond_below
+    from sdlora.guidance import guidance_kwargs
     p = sampling_pipeline(pipe)
+    guidance = guidance_kwargs(p, cfg, steps, s_min_uncond)
     images = []
     with (autocast() if autocast else nullcontext()):
         for i, prompt in enumerate(prompts):
             g = torch.Generator("cpu").manual_seed(seed + i)
             images += p(prompt, negative_prompt=negative or None, num_inference_steps=steps, height=size, width=size,
-                        generator=g, **dict({"guidance_scale": cfg}, **skip_uncond_below(p, s_min_uncond, steps))).images
+                        generator=g, **guidance).images
     return images
 
 
