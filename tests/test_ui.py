@@ -46,8 +46,11 @@ def test_reuse_updates_round_trip():
                            "Lora hashes": "style: 0123456789ab"})
     out = reuse_updates(text)
     values = dict(zip(REUSE_FIELDS, out))
+    assert isinstance(values.pop("s_min_uncond"), type(gr.skip()))   # no NGMS in the text: the slider stays
     assert values == {"prompt": "a red circle <lora:style:0.5:0.8>", "negative": "blurry, lowres", "sampler": "Euler a",
                       "steps": 12, "cfg": 6.5, "seed": 1234, "width": 64, "height": 48}
+    ngms = reuse_updates("x\nSteps: 5, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, NGMS: 2.5")
+    assert ngms[REUSE_FIELDS.index("s_min_uncond")] == 2.5
     assert out[len(REUSE_FIELDS)] == []                       # picker cleared: the LoRAs are in the prompt
     assert "parameters reused" in out[-1]
     # A1111 >= 1.9 splits the schedule; an unknown sampler keeps the current one and says so
@@ -127,12 +130,18 @@ def test_two_sessions_generate_at_once(ctx):
 def test_reuse_from_png_reproduces_the_image(ctx):
     from sdlora.ui.generate_tab import infotext_of_png, picked_refs, reuse_settings, run_generation
     first = run_generation(ctx, "a blue square", negative="blurry", loras=picked_refs(ctx, [("style", 0.8, 0.8)]),
-                           steps=3, seed=21, cfg=5.5, sampler="Euler")
+                           steps=3, seed=21, cfg=5.5, sampler="Euler", s_min_uncond=3.0)
     s = reuse_settings(infotext_of_png(first.paths[0]))
     assert s["prompt"] == "a blue square <lora:style:0.8>" and s["sampler"] == "Euler" and s["cfg"] == 5.5
+    assert s["s_min_uncond"] == 3.0
     second = run_generation(ctx, s["prompt"], negative=s["negative"], steps=s["steps"], cfg=s["cfg"],
-                            sampler=s["sampler"], seed=s["seed"], width=s["width"], height=s["height"])
+                            sampler=s["sampler"], seed=s["seed"], width=s["width"], height=s["height"],
+                            s_min_uncond=s["s_min_uncond"])
     assert np.array_equal(_pixels(first)[0], _pixels(second)[0])
+    # the NGMS setting took effect: without it the same seed gives another image
+    plain = run_generation(ctx, s["prompt"], negative=s["negative"], steps=s["steps"], cfg=s["cfg"],
+                           sampler=s["sampler"], seed=s["seed"], width=s["width"], height=s["height"])
+    assert not np.array_equal(_pixels(first)[0], _pixels(plain)[0])
     fake = ctx.outputs_dir / "fake.png"
     fake.write_text("no")
     with pytest.raises(UploadError):

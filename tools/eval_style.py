@@ -11,9 +11,12 @@
 Metrics are plain functions so any scorer can be plugged in:
     style metric:  fn(image: PIL.Image, style_dir: Path) -> float   (higher = more like the style)
     colour check:  fn(image: PIL.Image, colour: str) -> bool
+    distance:      fn(image: PIL.Image, style_dir: Path) -> float   (lower = more typical of the style)
 By default they are `tools.metrics.style_score` (the StyleMetric of the style folder: 0 = like
-the base scenes, 1 = like the style images) and `tools.metrics.follows_colour`; pass `--metric`
-(and `--colour-metric`) as `module:function` to use others.
+the base scenes, 1 = like the style images), `tools.metrics.follows_colour` and
+`tools.metrics.style_distance`; pass `--metric`, `--colour-metric`, `--distance` as
+`module:function` to use others. A linear score also rises for images unlike both the base scenes
+and the style (mush), so "the LoRA image is nearer the style" is judged by the distance.
 The report (JSON + a printed table) holds every score, so numbers can go to the README.
 """
 from __future__ import annotations
@@ -33,6 +36,12 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black
 DEFAULT_PROMPTS = ("a large red circle on a white background", "a small blue square on a yellow background",
                    "a green triangle on a black background", "a yellow circle on a blue background",
                    "a purple square on a white background", "an orange triangle on a green background")
+# the same colours and shapes, placed instead of grounded: for a style whose captions never name a
+# background (its ground is part of the style, as neon's black), where asking for "a white background"
+# asks for something else than the style
+GROUNDLESS_PROMPTS = ("a large red circle at the top", "a small blue square at the right",
+                      "a green triangle at the bottom", "a yellow circle in the middle",
+                      "a purple square at the left", "an orange triangle at the top")
 
 
 @dataclass
@@ -47,6 +56,8 @@ class StyleReport:
     base_colour_followed: list[bool] | None = None
     shape_followed: list[bool] | None = None      # per LoRA image, when a shape check ran
     base_shape_followed: list[bool] | None = None
+    base_distances: list[float] | None = None     # per image, when a distance function ran (lower: nearer)
+    lora_distances: list[float] | None = None
     half_scores: list[float] | None = None        # the LoRA at weight 0.5, when `half` was asked
     # the LoRA at other weights, when asked: "0.75" -> {"style": scores, "colour": flags, "shape": flags}
     at_weights: dict = field(default_factory=dict)
@@ -66,10 +77,23 @@ class StyleReport:
         """Share of (prompt, seed) pairs where the LoRA image scores higher than the base image."""
         return sum(b < lo for b, lo in zip(self.base_scores, self.lora_scores)) / len(self.lora_scores)
 
+    @property
+    def nearer(self) -> float | None:
+        """Share of (prompt, seed) pairs where the LoRA image is nearer the style images than the base
+        image (by the distance function). The linear score also rises for images unlike both the base
+        scenes and the style (mush), so "nearer" is judged by the distance, not the score."""
+        if not self.lora_distances:
+            return None
+        return sum(lo < b for b, lo in zip(self.base_distances, self.lora_distances)) / len(self.lora_distances)
+
     def summary(self) -> str:
         lines = [f"style {self.style_dir}: {len(self.prompts)} prompts x {len(self.seeds)} seeds",
                  f"  style metric  base {self.base_mean:.4f}  ->  LoRA {self.lora_mean:.4f}  "
                  f"(+{self.lora_mean - self.base_mean:.4f}; LoRA higher on {self.wins:.0%} of pairs)"]
+        if self.nearer is not None:
+            lines.append(f"  distance to the style images (theirs ~1): base {statistics.median(self.base_distances):.2f}"
+                         f"  ->  LoRA {statistics.median(self.lora_distances):.2f} (medians; LoRA nearer on "
+                         f"{self.nearer:.0%} of pairs)")
         if self.half_scores is not None:
             lines.append(f"  style metric at LoRA weight 0.5: {statistics.fmean(self.half_scores):.4f}")
         for w, r in self.at_weights.items():
@@ -86,7 +110,8 @@ class StyleReport:
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        d = dict(self.__dict__, base_mean=self.base_mean, lora_mean=self.lora_mean, wins=self.wins)
+        d = dict(self.__dict__, base_mean=self.base_mean, lora_mean=self.lora_mean, wins=self.wins,
+                 nearer=self.nearer)
         return json.dumps(d, indent=1)
 
 
@@ -104,6 +129,12 @@ def default_metrics():
     return style_score, follows_colour
 
 
+def default_distance():
+    """Distance to the style images: tools.metrics' StyleMetric distance."""
+    from tools.metrics import style_distance
+    return style_distance
+
+
 def default_shape_metric():
     from tools.metrics import follows_shape
     return follows_shape
@@ -119,23 +150,35 @@ def colour_of(prompt: str) -> str | None:
     return next((w for w in words if w in COLOURS), None)
 
 
+def captions_of(style_dir: Path) -> set[str]:
+    return {p.read_text(encoding="utf-8").strip().lower() for ext in ("*.txt", "*.caption")
+            for p in Path(style_dir).rglob(ext)}
+
+
+def prompts_for(style_dir: Path) -> tuple[str, ...]:
+    """DEFAULT_PROMPTS, or GROUNDLESS_PROMPTS when no caption of the folder names a background."""
+    return DEFAULT_PROMPTS if any("background" in c for c in captions_of(style_dir)) else GROUNDLESS_PROMPTS
+
+
 def held_out_prompts(prompts, style_dir: Path) -> list[str]:
     """The prompts that are not (part of) any caption in the style folder."""
-    captions = {p.read_text(encoding="utf-8").strip().lower() for ext in ("*.txt", "*.caption")
-                for p in style_dir.rglob(ext)}
+    captions = captions_of(style_dir)
     return [p for p in prompts if not any(p.lower() in c for c in captions)]
 
 
 def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = "tiny CPU demo",
-             overrides: dict | None = None, prompts=DEFAULT_PROMPTS, prompt_prefix: str = "", seeds=(0, 1, 2, 3),
+             overrides: dict | None = None, prompts=None, prompt_prefix: str = "", seeds=(0, 1, 2, 3),
              out_dir="eval-style", steps: int = 20, cfg_scale: float = 5.0, size: int | None = None,
-             shape_metric=None, half: bool = False, weights=(), s_min_uncond: float = 0.0) -> StyleReport:
+             shape_metric=None, half: bool = False, weights=(), s_min_uncond: float = 0.0,
+             distance=None) -> StyleReport:
     """Train on `style_dir` with `preset` (+ overrides; preset None: the base model's own defaults,
     as `sdlora train FOLDER` with no preset), score base vs LoRA images. `base`: a diffusers pipeline
-    or None for the trainer's default base model. `shape_metric(image, shape) -> bool` checks the
+    or None for the trainer's default base model. `prompts`: None for prompts_for(style_dir); those
+    found in the captions are dropped. `shape_metric(image, shape) -> bool` checks the
     prompt's shape; `half` also scores the LoRA at weight 0.5 (style metric), `weights` at each
     of those weights (style metric, colour and shape: StyleReport.at_weights). `s_min_uncond`: no
-    CFG below this sigma when sampling (generate's --s-min-uncond)."""
+    CFG below this sigma when sampling (generate's --s-min-uncond). `distance(image, style_dir) ->
+    float` (lower: more typical of the style) decides StyleReport.nearer."""
     import time
     from sdlora.pipelines import load_base
     from sdlora.training.config import build_config
@@ -143,6 +186,7 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
     from sdlora.training.trainer import Trainer
 
     style_dir, out_dir = Path(style_dir), Path(out_dir)
+    prompts = prompts or prompts_for(style_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = held_out_prompts(prompts, style_dir)
     notes = [f"dropped {len(prompts) - len(kept)} prompt(s) found in the captions"] if len(kept) < len(prompts) else []
@@ -198,6 +242,9 @@ def evaluate(style_dir, *, metric, colour_metric=None, base=None, preset: str = 
         report.half_scores = checks[0.5]["style"] if 0.5 in checks else [float(metric(im, style_dir))
                                                                           for im in by_weight[0.5]]
     report.at_weights = {f"{w:g}": checks[w] for w in weights}
+    if distance is not None:
+        report.base_distances = [float(distance(im, style_dir)) for im in base_images]
+        report.lora_distances = [float(distance(im, style_dir)) for im in lora_images]
     if check_shape:
         report.shape_followed, report.base_shape_followed = checks[1.0]["shape"], base_checks["shape"]
     if check_colour:
@@ -226,7 +273,10 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="", help="base model (default: the embedded one)")
     p.add_argument("--metric", help="style metric as module:function (default: tools.metrics.style_score)")
     p.add_argument("--colour-metric", help="colour check as module:function (default: tools.metrics.follows_colour)")
-    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
+    p.add_argument("--distance", help="distance to the style images as module:function, lower is nearer "
+                                      "(default: tools.metrics.style_distance)")
+    p.add_argument("--prompts", nargs="+", help="prompts to score (default: DEFAULT_PROMPTS, or GROUNDLESS_PROMPTS "
+                                                "when the folder's captions never name a background)")
     p.add_argument("--prompt-prefix", default="", help="put before every prompt (e.g. the trigger word + ', ')")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--sample-steps", type=int, default=20)
@@ -249,7 +299,8 @@ def main(argv=None) -> int:
     report = evaluate(a.style_dir, metric=metric, colour_metric=colour, preset=a.preset or None, overrides=overrides,
                       prompts=a.prompts, prompt_prefix=prefix, seeds=tuple(range(a.seeds)), out_dir=a.out,
                       steps=a.sample_steps, shape_metric=default_shape_metric(), half=a.half,
-                      weights=tuple(a.weights), s_min_uncond=a.s_min_uncond)
+                      weights=tuple(a.weights), s_min_uncond=a.s_min_uncond,
+                      distance=load_function(a.distance) if a.distance else default_distance())
     print(report.summary())
     return 0
 

@@ -330,12 +330,23 @@ class StyleMetric:
 _METRICS: dict[str, StyleMetric] = {}
 
 
-def style_score(image, style_dir) -> float:
-    """StyleMetric.for_folder(style_dir).score(image), the fitted metric cached per folder."""
+def _metric(style_dir) -> StyleMetric:
+    """StyleMetric.for_folder(style_dir), fitted once per folder."""
     key = str(Path(style_dir).resolve())
     if key not in _METRICS:
         _METRICS[key] = StyleMetric.for_folder(style_dir)
-    return _METRICS[key].score(image)
+    return _METRICS[key]
+
+
+def style_score(image, style_dir) -> float:
+    """StyleMetric.for_folder(style_dir).score(image), the fitted metric cached per folder."""
+    return _metric(style_dir).score(image)
+
+
+def style_distance(image, style_dir) -> float:
+    """StyleMetric.for_folder(style_dir).distance(image): how typical of the style folder the image
+    is (its images about 1; lower is nearer the style)."""
+    return _metric(style_dir).distance(image)
 
 
 def follows_colour(image, colour: str) -> bool:

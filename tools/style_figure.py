@@ -35,7 +35,8 @@ def rate(flags) -> str:
 def table_row(name: str, r) -> str:
     half = statistics.fmean(r.half_scores) if r.half_scores else float("nan")
     return (f"| `{name}` | {r.base_mean:.2f} → {half:.2f} → {r.lora_mean:.2f} (+{r.lora_mean - r.base_mean:.2f}) "
-            f"| {r.wins:.0%} | {rate(r.base_shape_followed)} → {rate(r.shape_followed)} "
+            f"| {r.nearer:.0%} ({statistics.median(r.base_distances):.1f} → {statistics.median(r.lora_distances):.1f}) "
+            f"| {rate(r.base_shape_followed)} → {rate(r.shape_followed)} "
             f"| {rate(r.base_colour_followed)} → {rate(r.colour_followed)} | {r.train_seconds:.0f} s |")
 
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     for folder in sorted(d for d in a.styles.iterdir() if d.is_dir()):
         trig = trigger_for(folder)
         r = E.evaluate(folder, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(), half=True,
-                       weights=WEIGHTS,
+                       weights=WEIGHTS, distance=E.default_distance(),
                        preset=None, overrides={"trigger": trig}, prompt_prefix=f"{trig}, ",
                        seeds=tuple(range(a.seeds)), out_dir=a.work / folder.name)
         print(r.summary(), flush=True)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     figure(a.work, names, n_prompts, list(range(min(2, a.seeds)))).save(a.out)
     (a.work / "report.json").write_text(json.dumps(reports, indent=1))
-    print("| style | style metric: base → LoRA 0.5 → LoRA 1 | LoRA nearer the style | shape followed, base → LoRA "
+    print("| style | style metric: base → LoRA 0.5 → LoRA 1 | LoRA nearer the style (distance, base → LoRA) | shape followed, base → LoRA "
           "| colour followed, base → LoRA | training |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\n| style | " + " | ".join(f"weight {w:g}" for w in WEIGHTS) + " |\n|---|" + "---|" * len(WEIGHTS))

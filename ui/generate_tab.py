@@ -61,11 +61,12 @@ def output_folder(ctx, kind: str = "txt2img") -> Path:
 
 
 def gen_options(ctx, *, negative: str = "", sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                cfg: float = DEFAULT_CFG, width: int | None = None, height: int | None = None) -> dict:
+                cfg: float = DEFAULT_CFG, width: int | None = None, height: int | None = None,
+                s_min_uncond: float = 0.0) -> dict:
     """The generate_prompts options every UI generation passes (LoRA tags looked up in the LoRA folder)."""
     return dict(negative=negative or "", sampler=sampler, steps=int(steps), cfg=float(cfg),
                 width=int(width) if width else None, height=int(height) if height else None,
-                lora_dir=ctx.loras_dir, progress=False)
+                s_min_uncond=float(s_min_uncond or 0), lora_dir=ctx.loras_dir, progress=False)
 
 
 @contextmanager
@@ -86,7 +87,7 @@ def _keep(out: GenerationResult, results, folder: Path) -> None:
 
 def run_generation(ctx, prompt: str, *, negative: str = "", loras=(), sampler: str = DEFAULT_SAMPLER,
                    steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, seed: int = -1, width: int | None = None,
-                   height: int | None = None, batch_size: int = 1, batch_count: int = 1,
+                   height: int | None = None, s_min_uncond: float = 0.0, batch_size: int = 1, batch_count: int = 1,
                    progress=None, save_to: Path | None = None, who: str = "generation") -> GenerationResult:
     """Generate `batch_count` batches of `batch_size` images (seeds seed, seed+1, ... across all of
     them, as A1111: sdlora.generate.generate_batches), save each as a PNG with its infotext; returns
@@ -96,7 +97,8 @@ def run_generation(ctx, prompt: str, *, negative: str = "", loras=(), sampler: s
     if not 1 <= batch_size <= MAX_BATCH or not 1 <= batch_count <= MAX_COUNT:
         raise SdloraError(f"batch size must be 1-{MAX_BATCH} and batch count 1-{MAX_COUNT}")
     parse_prompt(prompt)                         # a malformed tag fails before waiting for the device
-    opts = gen_options(ctx, negative=negative, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height)
+    opts = gen_options(ctx, negative=negative, sampler=sampler, steps=steps, cfg=cfg, width=width, height=height,
+                       s_min_uncond=s_min_uncond)
     out, folder = GenerationResult(), save_to or output_folder(ctx)
 
     def on_step(n, done, total):
@@ -166,7 +168,7 @@ def infotext_of_png(path) -> str:
 # ---------------------------------------------------------------------------------------------
 # the page
 
-REUSE_FIELDS = ("prompt", "negative", "sampler", "steps", "cfg", "seed", "width", "height")
+REUSE_FIELDS = ("prompt", "negative", "sampler", "steps", "cfg", "seed", "width", "height", "s_min_uncond")
 
 
 def reuse_updates(text: str) -> list:
@@ -209,6 +211,9 @@ def _settings(side: int) -> dict:
         c["sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler", elem_id="gen-sampler")
         c["steps"] = gr.Slider(1, 150, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="gen-steps")
         c["cfg"] = gr.Slider(1, 30, value=DEFAULT_CFG, step=0.5, label="CFG scale", elem_id="gen-cfg")
+        # A1111's "Negative Guidance minimum sigma" (Settings > Optimizations), here next to the CFG scale
+        c["s_min_uncond"] = gr.Slider(0, 15, value=0, step=0.1, elem_id="gen-ngms",
+                                      label="No CFG below sigma (NGMS; 0: off)")
     with gr.Row():
         c["width"] = gr.Slider(32, 2048, value=side, step=8, label="Width", elem_id="gen-width")
         c["height"] = gr.Slider(32, 2048, value=side, step=8, label="Height", elem_id="gen-height")
@@ -269,7 +274,7 @@ def _layout(ctx) -> dict:
     return c
 
 
-OPTION_FIELDS = ("negative", "sampler", "steps", "cfg", "width", "height")   # gen_options' keywords
+OPTION_FIELDS = ("negative", "sampler", "steps", "cfg", "width", "height", "s_min_uncond")   # gen_options' keywords
 
 
 def _picked(ctx, c, v) -> list[LoraRef]:
