@@ -1,6 +1,7 @@
 """One declaration (TrainConfig) -> CLI flags, TOML keys, presets and the UI form, all consistent."""
 import argparse
 import dataclasses
+import tomllib
 
 import pytest
 
@@ -41,7 +42,8 @@ def test_layering_defaults_preset_file_flags(tmp_path):
     path.write_text("rank = 12\nunet_lr = 3e-4\n[network]\nalpha = 6.0\n")
     args = _parse(["--unet-lr", "5e-4", "--no-buckets", "--unet-targets", "attn", "proj"])
     cfg = C.build_config(preset="tiny CPU demo", config_file=path, overrides=C.overrides_from_args(args))
-    assert cfg.batch_size == 8 and cfg.steps == 300  # preset
+    tiny = tomllib.loads((C.PRESET_DIR / "tiny-cpu-demo.toml").read_text())
+    assert (cfg.batch_size, cfg.steps) == (tiny["batch_size"], tiny["steps"])  # preset
     assert cfg.rank == 12 and cfg.alpha == 6.0     # file over preset
     assert cfg.unet_lr == 5e-4                     # flag over file
     assert cfg.buckets is False and cfg.unet_targets == ["attn", "proj"]
@@ -52,7 +54,6 @@ def test_layering_defaults_preset_file_flags(tmp_path):
 def test_the_embedded_base_brings_its_own_defaults(tmp_path):
     """No preset on the embedded model: tiny-cpu-demo's values (read from its TOML file here) are the
     defaults, under flags; another base or an explicit preset does not get them; the device is never pinned."""
-    import tomllib
     tiny = tomllib.loads((C.PRESET_DIR / "tiny-cpu-demo.toml").read_text())
     cfg = C.build_config(overrides={"steps": 50})
     assert cfg.steps == 50 and cfg.rank == tiny["rank"] and cfg.unet_lr == tiny["unet_lr"]

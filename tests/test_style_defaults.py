@@ -54,7 +54,9 @@ def test_default_training_moves_the_style_metric(tmp_path):
     report = E.evaluate(TOON, metric=metric, colour_metric=colour, shape_metric=E.default_shape_metric(),
                         preset=None, overrides={"trigger": "toonstyle", "steps": 150},
                         prompts=["a large red circle on a white background", "a yellow circle on a blue background"],
-                        prompt_prefix="toonstyle, ", seeds=(0, 1), out_dir=tmp_path, steps=12)
+                        prompt_prefix="toonstyle, ", seeds=(0, 1), out_dir=tmp_path, steps=12,
+                        distance=E.default_distance())
     assert report.lora_mean > report.base_mean + 0.05
     assert report.wins >= 0.75
+    assert report.nearer >= 0.75      # nearer the style images, not only further along the score
     assert report.train_seconds > 0 and len(report.shape_followed) == 4
