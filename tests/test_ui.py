@@ -142,6 +142,8 @@ def test_reuse_from_png_reproduces_the_image(ctx):
     plain = run_generation(ctx, s["prompt"], negative=s["negative"], steps=s["steps"], cfg=s["cfg"],
                            sampler=s["sampler"], seed=s["seed"], width=s["width"], height=s["height"])
     assert not np.array_equal(_pixels(first)[0], _pixels(plain)[0])
+    with pytest.raises(ValueError, match="s_min_uncond"):
+        run_generation(ctx, "a blue square", steps=2, seed=1, s_min_uncond=-1)
     fake = ctx.outputs_dir / "fake.png"
     fake.write_text("no")
     with pytest.raises(UploadError):

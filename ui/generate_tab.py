@@ -19,6 +19,7 @@ import gradio as gr
 from sdlora.errors import FamilyMismatchError, SdloraError
 from sdlora.extra_networks import LoraRef, parse_prompt
 from sdlora.generate import DEFAULT_CFG, DEFAULT_STEPS, Generated, generate_batches, native_size, save_png
+from sdlora.guidance import check_s_min_uncond
 from sdlora.infotext import parse as parse_infotext
 from sdlora.infotext import read_png
 from sdlora.samplers import DEFAULT_SAMPLER, SAMPLERS
@@ -63,7 +64,9 @@ def output_folder(ctx, kind: str = "txt2img") -> Path:
 def gen_options(ctx, *, negative: str = "", sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                 cfg: float = DEFAULT_CFG, width: int | None = None, height: int | None = None,
                 s_min_uncond: float = 0.0) -> dict:
-    """The generate_prompts options every UI generation passes (LoRA tags looked up in the LoRA folder)."""
+    """The generate_prompts options every UI generation passes (LoRA tags looked up in the LoRA folder),
+    checked here so a bad value fails before waiting for the device."""
+    check_s_min_uncond(float(s_min_uncond or 0))
     return dict(negative=negative or "", sampler=sampler, steps=int(steps), cfg=float(cfg),
                 width=int(width) if width else None, height=int(height) if height else None,
                 s_min_uncond=float(s_min_uncond or 0), lora_dir=ctx.loras_dir, progress=False)
