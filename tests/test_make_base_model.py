@@ -91,3 +91,29 @@ def test_shape_focus_weights_the_latent_pixels_around_the_shape():
         r = int(s.radius * 1.15 / 4) + 3                     # beyond the shape's extent plus one pixel
         far = [(y, x) for y in range(16) for x in range(16) if max(abs(y - cy), abs(x - cx)) > r]
         assert all(f[y, x] == 1.0 for y, x in far)
+
+
+def test_every_unet_resnet_sees_the_timestep():
+    """A ResnetBlock2D adds the time embedding per channel and then GroupNorms: with one channel per
+    group (SD1.5's 32 groups at this model's width 32) the norm subtracts that constant again and the
+    block's output does not depend on the timestep at all. unet_config's groups keep >= 4 channels
+    per group, so every resnet's output changes with the timestep; 32 groups would not."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.resnet import ResnetBlock2D
+
+    def blind_resnets(cfg):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(cfg).eval()
+        temb = [unet.time_embedding(unet.time_proj(torch.tensor([t])).float()) for t in (50, 900)]
+        blind = []
+        for name, m in unet.named_modules():
+            if isinstance(m, ResnetBlock2D):
+                h = torch.randn(1, m.in_channels, 4, 4)
+                with torch.no_grad():
+                    d = (m(h, temb[0]) - m(h, temb[1])).abs().max().item()
+                if d < 1e-4:
+                    blind.append(name)
+        return blind
+
+    assert blind_resnets(M.unet_config()) == []
+    assert "down_blocks.0.resnets.0" in blind_resnets(M.unet_config(norm_groups=32))   # the old config

@@ -1,12 +1,10 @@
 """Train the embedded tiny Stable Diffusion (sample_data/models/tiny-sd) from scratch on a CPU.
 
-    python -m tools.make_base_model --out stage1 --vae-cache VAE_DIR
-    python -m tools.make_base_model --out sample_data/models/tiny-sd --init-unet stage1 \
-        --unet-steps 2500 --unet-lr 3e-4
+    python -m tools.make_base_model --out DIR --vae-cache VAE_DIR
 
-(the shipped model: the second run continues the first one's UNet at a lower learning rate, with
-the same data, VAE and text encoder; about 55 minutes in all on a shared 2-core CPU. VAE_DIR is
-where the VAE is trained once and then reused: a folder without a VAE gets one trained there).
+(the shipped model: one run, 35 minutes on a 2-core CPU, with the VAE of sample_data/models/tiny-sd
+as VAE_DIR; VAE_DIR is where the VAE is trained once and then reused: a folder without a VAE gets
+one trained there. `--init-unet DIR` continues a UNet at a second stage).
 
 The model has SD1.5's module structure at small widths, so every LoRA key it produces is a real
 SD1.5 key (same block types and module names, conv proj_in), only narrower and with one resnet and
@@ -19,7 +17,8 @@ far worse):
   * VAE: AutoencoderKL, 3 blocks of widths (16, 32, 64) (64x64 pixels -> 16x16x4 latents), trained on
     the procedural scenes AND on broad images (colours, gradients, stripes, dots, outlines, glow,
     noise), so a style LoRA can later learn looks the scenes never show;
-  * UNet: UNet2DConditionModel with SD1.5's block types, widths (32, 64, 96, 96), one attention head
+  * UNet: UNet2DConditionModel with SD1.5's block types, widths (32, 64, 96, 96), GroupNorm in 8
+    groups (see --norm-groups), one attention head
     (4 heads trained 1.6x slower per step and were no better at 1500 steps), epsilon prediction on
     SD1.5's noise schedule, min-SNR(5) loss weighting, noise offset 0.3 (see --noise-offset), 10%
     caption dropout (for classifier-free guidance), fresh unknown words in front of half the
@@ -51,12 +50,12 @@ TOKENIZER_DIR = CONFIG_DIR / "tokenizer"
 TE_WIDTH = 64
 
 
-def unet_config(layers_per_block: int = 1, heads: int = 1) -> dict:
+def unet_config(layers_per_block: int = 1, heads: int = 1, norm_groups: int = 8) -> dict:
     cfg = load_config("sd1", "unet")
     # widths grow like SD1.5's (320, 640, 1280, 1280): the same resnets get a conv_shortcut, so
     # every module, and every LoRA key, is one SD1.5 has
     cfg.update(block_out_channels=[32, 64, 96, 96], layers_per_block=layers_per_block, cross_attention_dim=TE_WIDTH,
-               attention_head_dim=heads, sample_size=S.SIZE // 4)
+               attention_head_dim=heads, sample_size=S.SIZE // 4, norm_num_groups=norm_groups)
     return cfg
 
 
@@ -216,7 +215,8 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
 def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_idx: torch.Tensor,
                empty_ids: torch.Tensor, steps: int, *, batch: int, lr: float, gen: torch.Generator,
                ema_decay: float = 0.999, dropout: float = 0.1, snr_gamma: float = 5.0, on_eval=None,
-               eval_every: int = 0, layers_per_block: int = 1, heads: int = 1, noise_offset: float = 0.1,
+               eval_every: int = 0, layers_per_block: int = 1, heads: int = 1, norm_groups: int = 8,
+               noise_offset: float = 0.1,
                init=None, train_text_encoder: bool = False, prefixes: "Prefixes | None" = None,
                focus: torch.Tensor | None = None,
                zero_snr: bool = False, device: str = "cpu", minutes: float | None = None):
@@ -232,7 +232,7 @@ def train_unet(latents: torch.Tensor, text_encoder, ids: torch.Tensor, caption_i
     Returns (unet, text_encoder or None, steps)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     unet = init.float().train().requires_grad_(True) if init is not None else \
-        UNet2DConditionModel.from_config(unet_config(layers_per_block, heads))
+        UNet2DConditionModel.from_config(unet_config(layers_per_block, heads, norm_groups))
     unet.to(device).set_default_attn_processor()  # SDPA: faster than the classic bmm processor with several heads (measured)
     params = list(unet.parameters())
     text_encoder.float().to(device).train(train_text_encoder).requires_grad_(train_text_encoder)
@@ -430,6 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--layers-per-block", type=int, default=1, help="UNet resnets per down block (SD1.5: 2)")
+    p.add_argument("--norm-groups", type=int, default=8,
+                   help="GroupNorm groups in the UNet (SD1.5: 32, over 320+ channels; at width 32 that would be one "
+                        "channel per group, which erases the timestep the resnets add per channel)")
     p.add_argument("--heads", type=int, default=1, help="attention heads (SD1.5: 8; diffusers calls it attention_head_dim)")
     p.add_argument("--zero-snr", action="store_true",
                    help="zero-terminal-SNR schedule with v-prediction (the principled fix for the leak that "
@@ -532,7 +535,8 @@ def main(argv=None) -> int:
                                   token_ids(tokenizer, [""]), a.unet_steps, batch=a.unet_batch,
                                   lr=a.unet_lr, device=a.device, minutes=a.unet_minutes,
                                   init=init, gen=gen_unet, on_eval=on_eval, eval_every=a.eval_every,
-                                  layers_per_block=a.layers_per_block, heads=a.heads, noise_offset=a.noise_offset,
+                                  layers_per_block=a.layers_per_block, heads=a.heads, norm_groups=a.norm_groups,
+                                  noise_offset=a.noise_offset,
                                   zero_snr=a.zero_snr, train_text_encoder=a.train_text_encoder,
                                   prefixes=prefixes, snr_gamma=a.snr_gamma, dropout=a.caption_dropout,
                                   focus=shape_focus(images, specs, a.shape_weight) if a.shape_weight else None)
