@@ -9,7 +9,8 @@ longer computed and each step uses the prompt's prediction alone, as CFG scale 1
 skips every other such step unless "NGMS all steps" is set; this skips them all (the infotext says
 "NGMS all steps: True", so A1111 reproduces it). Besides the speed (one UNet pass instead of two),
 it stops guidance from amplifying the difference of two model errors when the image is nearly
-done: on the embedded tiny model that amplification pinches squares into stars (see the README).
+done: on the previous version of the embedded tiny model that amplification pinched squares into
+stars; on the current one it no longer changes the shapes (both measured in the README).
 
 It works through diffusers' `callback_on_step_end` (as diffusers documents for dynamic CFG): the
 callback sets the guidance scale to 1 and keeps the conditional half of every doubled
