@@ -66,10 +66,11 @@ def gen_options(ctx, *, negative: str = "", sampler: str = DEFAULT_SAMPLER, step
                 s_min_uncond: float = 0.0) -> dict:
     """The generate_prompts options every UI generation passes (LoRA tags looked up in the LoRA folder),
     checked here so a bad value fails before waiting for the device."""
-    check_s_min_uncond(float(s_min_uncond or 0))
+    s_min_uncond = float(s_min_uncond or 0)
+    check_s_min_uncond(s_min_uncond)
     return dict(negative=negative or "", sampler=sampler, steps=int(steps), cfg=float(cfg),
                 width=int(width) if width else None, height=int(height) if height else None,
-                s_min_uncond=float(s_min_uncond or 0), lora_dir=ctx.loras_dir, progress=False)
+                s_min_uncond=s_min_uncond, lora_dir=ctx.loras_dir, progress=False)
 
 
 @contextmanager
