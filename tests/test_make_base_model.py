@@ -117,3 +117,11 @@ def test_every_unet_resnet_sees_the_timestep():
 
     assert blind_resnets(M.unet_config()) == []
     assert "down_blocks.0.resnets.0" in blind_resnets(M.unet_config(norm_groups=32))   # the old config
+
+
+def test_norm_groups_that_do_not_divide_the_widths_fail_before_any_work(tmp_path, capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        M.main(["--out", str(tmp_path / "m"), "--norm-groups", "5", "--quick"])
+    assert e.value.code == 2 and "--norm-groups must divide every UNet width" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -464,6 +464,9 @@ def main(argv=None) -> int:
                    help="load the VAE from this folder if it exists, else save the trained VAE there")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes), not a usable model")
     a = p.parse_args(argv)
+    widths = unet_config()["block_out_channels"]
+    if a.norm_groups < 1 or any(w % a.norm_groups for w in widths):
+        p.error(f"--norm-groups must divide every UNet width {widths}, got {a.norm_groups} (try 8)")
     if a.quick:
         a.scenes, a.broad, a.vae_steps, a.unet_steps, a.eval_every = 512, 256, 20, 30, 15
     torch.set_num_threads(a.threads)
