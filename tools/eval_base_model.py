@@ -68,9 +68,14 @@ def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images
     images = generate_images(pipe, [prefix + p[0] for p in prompts], list(range(seeds)), s_min_uncond=s_min_uncond)
     truth = [p[1:] for p in prompts for _ in range(seeds)]
     named = [(im, bg) for im, (_, _, bg) in zip(images, truth) if bg]
+    shapes = [classify_shape(im) for im in images]
     result = {"images": len(images),
               "colour": float(np.mean([classify_colour(im) == c for im, (c, _, _) in zip(images, truth)])),
-              "shape": float(np.mean([classify_shape(im) == s for im, (_, s, _) in zip(images, truth)])),
+              "shape": float(np.mean([got == s for got, (_, s, _) in zip(shapes, truth)])),
+              # which shape each prompted shape came out as (a model that draws one blob for two words shows here)
+              "shape_drawn": {s: {str(g): sum(1 for got, t in zip(shapes, truth) if t[1] == s and got == g)
+                                  for g in sorted(set(shapes), key=str)}
+                              for s in sorted({t[1] for t in truth})},
               "background": float(np.mean([classify_background(im) == bg for im, bg in named])),
               "flat": float(np.mean([background_noise(im) <= FLAT_NOISE for im in images]))}
     if log:
