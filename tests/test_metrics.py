@@ -88,3 +88,28 @@ def test_plain_functions_for_eval_style():
     assert style_score(style_image, folder) == pytest.approx(expected.score(style_image))
     assert style_score(scene, str(folder)) == pytest.approx(expected.score(scene))
     assert follows_colour(scene, "blue") and not follows_colour(scene, "red")
+
+
+def test_eval_base_model_reports_which_shape_was_drawn(monkeypatch):
+    """A model that draws every square as a circle: the shape score counts it wrong and `shape_drawn`
+    names the confusion (the renderer and the classifier are the ground truth, checked above)."""
+    from tools import eval_base_model as E
+
+    def draw(pipe, prompts, seeds, **_):
+        out = []
+        for prompt in prompts:
+            colour = next(c for c in S.COLOURS if f" {c} " in f" {prompt} ")
+            shape = next(s for s in S.SHAPES if s in prompt)
+            drawn = "circle" if shape == "square" else shape
+            out += [np.asarray(S.render_scene(S.sample_scene(np.random.default_rng(seed), colour=colour,
+                                                                shape=drawn, background="white")))
+                    for seed in seeds]
+        return out
+
+    monkeypatch.setattr(E, "generate_images", draw)
+    pairs = [("red", "circle"), ("red", "square"), ("red", "triangle")]
+    result = E.evaluate(None, seeds=2, pairs=pairs, log=None)
+    per_shape = 4 * 2                       # bare and three backgrounds, 2 seeds
+    assert result["shape_drawn"]["square"] == {"circle": per_shape, "square": 0, "triangle": 0}
+    assert result["shape_drawn"]["circle"]["circle"] == result["shape_drawn"]["triangle"]["triangle"] == per_shape
+    assert result["shape"] == pytest.approx(2 / 3)

@@ -74,7 +74,7 @@ def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images
               "shape": float(np.mean([got == s for got, (_, s, _) in zip(shapes, truth)])),
               # which shape each prompted shape came out as (a model that draws one blob for two words shows here)
               "shape_drawn": {s: {str(g): sum(1 for got, t in zip(shapes, truth) if t[1] == s and got == g)
-                                  for g in sorted(set(shapes), key=str)}
+                                  for g in sorted({t[1] for t in truth} | set(shapes), key=str)}
                               for s in sorted({t[1] for t in truth})},
               "background": float(np.mean([classify_background(im) == bg for im, bg in named])),
               "flat": float(np.mean([background_noise(im) <= FLAT_NOISE for im in images]))}
