@@ -4,8 +4,8 @@
     python -m tools.shape_signal [--model DIR] [--scenes 96]
 
 1. Latent contrast: for fresh scenes drawn as a circle, a square and a triangle (same colour, centre,
-   size), ||z_a - z_b||^2 / ||z_circle - z_background||^2 in the VAE's latents and in pixels: the
-   share of a shape's own signal that tells two shapes apart.
+   size), ||z_a - z_b||^2 / ||z_circle - z_background||^2 in the VAE's latents, in pixels, and in the
+   VAE's decodings of those latents: the share of a shape's own signal that tells two shapes apart.
 2. Caption use: the UNet's denoising loss on those scenes with their own caption and with the shape
    word swapped (square -> circle, circle -> square, triangle -> circle), at several timesteps. A
    UNet that draws what it is told loses clearly more with the wrong word.
@@ -42,13 +42,17 @@ def main(argv=None) -> int:
     for s in specs[:40]:
         drawn = [np.asarray(S.render_scene(dataclasses.replace(s, shape=sh))) for sh in ("circle", "square", "triangle")]
         images = np.stack(drawn + [np.full_like(drawn[0], s.bg_rgb)])
-        for space, x in (("pixels", images.astype(np.float32) / 255), ("latents", encode(vae, images).numpy())):
+        z = encode(vae, images)
+        with torch.no_grad():
+            decoded = vae.decode(z).sample.clamp(-1, 1).numpy()
+        for space, x in (("pixels", images.astype(np.float32) / 255), ("latents", z.numpy()),
+                         ("VAE round trip", decoded)):
             d = lambda i, j: float(((x[i] - x[j]) ** 2).sum())  # noqa: E731
             ratios["circle/square"].append((space, d(0, 1) / d(0, 3)))
             ratios["circle/triangle"].append((space, d(0, 2) / d(0, 3)))
     for pair, vals in ratios.items():
         print(f"{pair} difference / shape signal: " + ", ".join(
-            f"{space} {np.mean([v for sp, v in vals if sp == space]):.3f}" for space in ("pixels", "latents")))
+            f"{space} {np.mean([v for sp, v in vals if sp == space]):.3f}" for space in ("pixels", "latents", "VAE round trip")))
 
     images = np.stack([np.asarray(S.render_scene(s)) for s in specs])
     z0 = encode(vae, images) * vae.config.scaling_factor
