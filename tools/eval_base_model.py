@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +70,14 @@ def evaluate(pipe, *, seeds: int = 6, pairs=S.HELD_OUT, log=print, return_images
     truth = [p[1:] for p in prompts for _ in range(seeds)]
     named = [(im, bg) for im, (_, _, bg) in zip(images, truth) if bg]
     shapes = [classify_shape(im) for im in images]
+    prompted = [s for _, s, _ in truth]
+    drawn = Counter(zip(prompted, shapes))
     result = {"images": len(images),
               "colour": float(np.mean([classify_colour(im) == c for im, (c, _, _) in zip(images, truth)])),
-              "shape": float(np.mean([got == s for got, (_, s, _) in zip(shapes, truth)])),
+              "shape": float(np.mean([got == s for got, s in zip(shapes, prompted)])),
               # which shape each prompted shape came out as (a model that draws one blob for two words shows here)
-              "shape_drawn": {s: {str(g): sum(1 for got, t in zip(shapes, truth) if t[1] == s and got == g)
-                                  for g in sorted({t[1] for t in truth} | set(shapes), key=str)}
-                              for s in sorted({t[1] for t in truth})},
+              "shape_drawn": {s: {str(g): drawn[s, g] for g in sorted(set(prompted) | set(shapes), key=str)}
+                              for s in sorted(set(prompted))},
               "background": float(np.mean([classify_background(im) == bg for im, bg in named])),
               "flat": float(np.mean([background_noise(im) <= FLAT_NOISE for im in images]))}
     if log:

@@ -3,7 +3,7 @@
 
     python -m tools.shape_signal [--model DIR] [--scenes 96]
 
-1. Latent contrast: for fresh scenes drawn as a circle, a square and a triangle (same colour, centre,
+1. Latent contrast: for 40 fresh scenes drawn as a circle, a square and a triangle (same colour, centre,
    size), ||z_a - z_b||^2 / ||z_circle - z_background||^2 in the VAE's latents, in pixels, and in the
    VAE's decodings of those latents: the share of a shape's own signal that tells two shapes apart.
 2. Caption use: the UNet's denoising loss on those scenes with their own caption and with the shape
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from tools import scenes as S
 from tools.make_base_model import encode, token_ids
 
 SWAP = {"square": "circle", "circle": "square", "triangle": "circle"}
+CONTRAST_SCENES = 40    # of --scenes for the contrast (each is drawn three ways, encoded and decoded): enough for a stable mean
 
 
 def main(argv=None) -> int:
@@ -38,21 +40,21 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(5)
     specs = [S.sample_scene(rng, shape=S.SHAPES[k % 3]) for k in range(a.scenes)]
 
-    ratios = {"circle/square": [], "circle/triangle": []}
-    for s in specs[:40]:
+    spaces = ("pixels", "latents", "VAE round trip")
+    ratios = defaultdict(list)                  # (pair, space) -> one ratio per scene
+    for s in specs[:CONTRAST_SCENES]:
         drawn = [np.asarray(S.render_scene(dataclasses.replace(s, shape=sh))) for sh in ("circle", "square", "triangle")]
         images = np.stack(drawn + [np.full_like(drawn[0], s.bg_rgb)])
         z = encode(vae, images)
         with torch.no_grad():
             decoded = vae.decode(z).sample.clamp(-1, 1).numpy()
-        for space, x in (("pixels", images.astype(np.float32) / 255), ("latents", z.numpy()),
-                         ("VAE round trip", decoded)):
+        for space, x in zip(spaces, (images.astype(np.float32) / 255, z.numpy(), decoded)):
             d = lambda i, j: float(((x[i] - x[j]) ** 2).sum())  # noqa: E731
-            ratios["circle/square"].append((space, d(0, 1) / d(0, 3)))
-            ratios["circle/triangle"].append((space, d(0, 2) / d(0, 3)))
-    for pair, vals in ratios.items():
-        print(f"{pair} difference / shape signal: " + ", ".join(
-            f"{space} {np.mean([v for sp, v in vals if sp == space]):.3f}" for space in ("pixels", "latents", "VAE round trip")))
+            ratios["circle/square", space].append(d(0, 1) / d(0, 3))
+            ratios["circle/triangle", space].append(d(0, 2) / d(0, 3))
+    for pair in ("circle/square", "circle/triangle"):
+        print(f"{pair} difference / shape signal: " +
+              ", ".join(f"{space} {np.mean(ratios[pair, space]):.3f}" for space in spaces))
 
     images = np.stack([np.asarray(S.render_scene(s)) for s in specs])
     z0 = encode(vae, images) * vae.config.scaling_factor
