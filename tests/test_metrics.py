@@ -23,6 +23,47 @@ def test_classifiers_on_scenes():
         assert background_noise(img) < 1.0, spec             # the scenes' backgrounds are flat
 
 
+def test_shape_survives_the_flaws_of_generated_shapes():
+    """A generated square is rarely exact: its edges wave, it tilts a little, a bump sticks out.
+    Each flaw lowers a bounding-box fill ratio (1 for a square, pi/4 for a circle), which called such
+    squares circles; the whole-outline match must still call them squares, and must not turn a
+    circle with the same flaws into a square. Ground truth: how the pictures are drawn here."""
+    from PIL import Image, ImageDraw
+    n, sup = 64, 4
+
+    def draw(points, bump=False):
+        big = Image.new("RGB", (n * sup, n * sup), (240, 240, 240))
+        d = ImageDraw.Draw(big)
+        d.polygon([(x * sup, y * sup) for x, y in points], fill=(215, 35, 35))
+        if bump:   # a 3 x 5 px lump on the top edge, which stretches the bounding box
+            top = min(y for _, y in points)
+            d.rectangle([30 * sup, (top - 5) * sup, 33 * sup, (top + 1) * sup], fill=(215, 35, 35))
+        return np.asarray(big.resize((n, n), Image.BOX))
+
+    def outline(radius_at, tilt=0.0):
+        angles = np.linspace(0, 2 * np.pi, 240, endpoint=False)
+        return [(32 + radius_at(a) * np.cos(a + tilt), 32 + radius_at(a) * np.sin(a + tilt)) for a in angles]
+
+    square = lambda a: 14 / max(abs(np.cos(a)), abs(np.sin(a)))                    # half-side 14
+    wavy_square = lambda a: square(a) * (1 - 0.06 * np.cos(4 * a) ** 2 + 0.04 * np.sin(12 * a))
+    circle = lambda a: 15 * (1 + 0.04 * np.sin(12 * a))
+    for name, points, bump in [("wavy", outline(wavy_square), False), ("bump", outline(square), True),
+                               ("tilted 8 degrees", outline(square, np.radians(8)), False)]:
+        img = draw(points, bump)
+        assert classify_shape(img) == "square", name
+    assert _bbox_fill(draw(outline(square), True)) < 0.885 and _bbox_fill(draw(outline(square, np.radians(8)))) < 0.885
+    for points, bump in [(outline(circle), False), (outline(circle), True)]:
+        assert classify_shape(draw(points, bump)) == "circle"
+
+
+def _bbox_fill(img) -> float:
+    """The old single-number shape feature (squares needed > 0.885): shows these flaws defeat it."""
+    from tools.metrics import foreground
+    m = foreground(img)
+    ys, xs = np.nonzero(m)
+    return m.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+
+
 def test_background_noise_is_the_std_of_the_background():
     rng = np.random.default_rng(0)
     img = np.full((64, 64, 3), 128.0)
