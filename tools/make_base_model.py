@@ -2,7 +2,7 @@
 
     python -m tools.make_base_model --out DIR --vae-cache VAE_DIR
 
-(the shipped model: one run, 35 minutes on a 2-core CPU, with the VAE of sample_data/models/tiny-sd
+(the shipped model: one run, 56 minutes on a 2-core CPU, with the VAE of sample_data/models/tiny-sd
 as VAE_DIR; VAE_DIR is where the VAE is trained once and then reused: a folder without a VAE gets
 one trained there. `--init-unet DIR` continues a UNet at a second stage).
 
@@ -423,7 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--scenes", type=int, default=16000, help="captioned scenes for the UNet (and VAE)")
     p.add_argument("--broad", type=int, default=6000, help="broad images for the VAE")
     p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-steps", type=int, default=9000,
+                   help="9000 for the shipped model (5000 on the same recipe: lumpier circles, see the README)")
     p.add_argument("--unet-minutes", type=float, default=None,
                    help="train the UNet for about this long instead of --unet-steps (the steps it chose are logged "
                         "and written to the model card; --unet-steps with that number repeats the run)")

@@ -111,10 +111,9 @@ def sample_scene(rng: np.random.Generator, *, colour=None, shape=None, size=None
 
 def shape_polygon(shape: str, center, radius, scale: float = 1.0):
     """Outline points (in pixels * scale) of an upright shape: squares and triangles are
-    axis-aligned so the classifier's bounding-box test (metrics.classify_shape) applies."""
+    upright, as the classifier's ideal shapes are (metrics.shape_of)."""
     cx, cy, r = center[0] * scale, center[1] * scale, radius * scale
-    if shape == "square":
-        r *= 0.85  # same visual area as the circle
+    if shape == "square":  # half-side = radius: the circle of the same size fits inside it
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         r *= 1.15
