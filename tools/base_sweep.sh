@@ -4,8 +4,8 @@
 # trains three UNet recipes side by side on the one device for MIN minutes each (make_base_model
 # --unet-minutes) with the shipped VAE and the built text encoder, evaluates each (eval_base_model),
 # and LoRA-trains the three style folders on the best one (eval_style). The recipes test what may
-# lift the shipped base's held-out shape score (0.64; the bar is 0.85): A the shipped recipe
-# trained longer at a larger batch (shape was still rising when its CPU run ended), B the same with
+# lift the base's held-out shape score (0.64 before the scenes' squares grew to half-side = radius,
+# 1.00 since; the bar is 0.85): A the recipe trained longer at a larger batch, B the same with
 # SD1.5's two resnets per block, C the same with 4 attention heads. OUT gets a summary log and, per
 # model, a tar of the model folder. Smoke test on a CPU:
 #   DEV=cpu MIN=0.1 TMO=400 SCENES=600 BA=4 BC=4 STYLE_BY=0 bash tools/base_sweep.sh
