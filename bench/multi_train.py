@@ -5,8 +5,8 @@
 
 Both train the embedded tiny model (sample_data/models/tiny-sd, the default base) on the style
 folders in sample_data/styles/ (halftone, neon, toon) with the settings the base brings (preset
-tiny-cpu-demo: 64 px, batch 8, rank 8, latents and embeddings cached) and `steps` steps each, no
-samples or previews. Sequential: three `train` calls one after the other, each loading the base as a
+tiny-cpu-demo: 64 px, batch 8, rank 16 (8 when bench/README.md was measured), latents and embeddings
+cached) and `steps` steps each, no samples or previews. Sequential: three `train` calls one after the other, each loading the base as a
 solo run does. Parallel: one `train_many` with the three jobs on one base. Each measurement runs in
 its own subprocess (`threads` torch threads, default 1), so its peak RSS is its own: VmHWM of
 /proc/self/status, the high-water mark of this process image (ru_maxrss is not: Linux carries it
