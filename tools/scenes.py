@@ -110,8 +110,8 @@ def sample_scene(rng: np.random.Generator, *, colour=None, shape=None, size=None
 
 
 def shape_polygon(shape: str, center, radius, scale: float = 1.0):
-    """Outline points (in pixels * scale) of an upright shape: squares and triangles are
-    upright, as the classifier's ideal shapes are (metrics.shape_of)."""
+    """Outline points (in pixels * scale) of an upright shape (metrics.shape_of matches blobs against
+    these same outlines)."""
     cx, cy, r = center[0] * scale, center[1] * scale, radius * scale
     if shape == "square":  # half-side = radius: the circle of the same size fits inside it
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
