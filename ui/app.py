@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 CSS_PATH = Path(__file__).with_name("style.css")
@@ -153,22 +152,5 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("stopping: a running training saves a checkpoint first ...", file=sys.stderr, flush=True)
         ctx.jobs.shutdown()
-        exit_after(EXIT_GRACE_S)
         demo.close()
     return 0
-
-
-EXIT_GRACE_S = 15.0   # after trainings have saved: how long Gradio's own shutdown may take
-
-
-def exit_after(seconds: float) -> None:
-    """Leave the process `seconds` from now even if a library thread blocks the normal exit: Python
-    joins thread-pool workers at exit, so one stuck task in Gradio's or uvicorn's pools would make
-    Ctrl-C hang. Called once our own work (checkpoints) is done; exit status 0."""
-    def leave():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    timer = threading.Timer(seconds, leave)
-    timer.daemon = True
-    timer.start()
