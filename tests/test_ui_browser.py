@@ -344,7 +344,10 @@ def test_sdlora_ui_command(tmp_path):
     spec = base_spec()
     if spec:
         cmd += ["--base", spec]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    # Ctrl-C as in a terminal: a test run started in the background (`cmd &`, nohup) inherits SIGINT
+    # ignored, and a child keeps that (POSIX), so the SIGINT below would do nothing
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url, lines = None, []
         deadline = time.time() + 180
