@@ -6,13 +6,14 @@
 Both train the embedded tiny model (sample_data/models/tiny-sd, the default base) on the style
 folders in sample_data/styles/ (halftone, neon, toon) with the settings the base brings (preset
 tiny-cpu-demo: 64 px, batch 8, rank 16 (8 when bench/README.md was measured), latents and embeddings
-cached) and `steps` steps each, no samples or previews. Sequential: three `train` calls one after the other, each loading the base as a
-solo run does. Parallel: one `train_many` with the three jobs on one base. Each measurement runs in
-its own subprocess (`threads` torch threads, default 1), so its peak RSS is its own: VmHWM of
-/proc/self/status, the high-water mark of this process image (ru_maxrss is not: Linux carries it
-over from the parent across fork and exec, so a parent that held a real-size UNet shows in it). Wall time counts from before the first
-config is built to the last file written (model loading and caching included; the trainer modules
-are imported before the clock starts in both modes).
+cached) and `steps` steps each, no samples or previews. Sequential: three `train` calls one after
+the other, each loading the base as a solo run does. Parallel: one `train_many` with the three jobs
+on one base. Each measurement runs in its own subprocess (`threads` torch threads, default 1), so
+its peak RSS is its own: VmHWM of /proc/self/status, the high-water mark of this process image
+(ru_maxrss is not: Linux carries it over from the parent across fork and exec, so a parent that held
+a real-size UNet shows in it). Wall time counts from before the first config is built to the last
+file written (model loading and caching included; the trainer modules are imported before the clock
+starts in both modes).
 """
 from __future__ import annotations
 

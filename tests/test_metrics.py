@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tools.metrics import (StyleMetric, background_noise, classify_background, classify_colour, classify_shape,
-                            load_images)
+                            foreground, load_images)
 from tools import make_styles
 from tools import scenes as S
 
@@ -58,7 +58,6 @@ def test_shape_survives_the_flaws_of_generated_shapes():
 
 def _bbox_fill(img) -> float:
     """The old single-number shape feature (squares needed > 0.885): shows these flaws defeat it."""
-    from tools.metrics import foreground
     m = foreground(img)
     ys, xs = np.nonzero(m)
     return m.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))

@@ -24,7 +24,8 @@ from tools import scenes as S
 from tools.make_base_model import encode, token_ids
 
 SWAP = {"square": "circle", "circle": "square", "triangle": "circle"}
-CONTRAST_SCENES = 40    # of --scenes for the contrast (each is drawn three ways, encoded and decoded): enough for a stable mean
+# of --scenes for the contrast (each is drawn three ways, encoded and decoded): enough for a stable mean
+CONTRAST_SCENES = 40
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     spaces = ("pixels", "latents", "VAE round trip")
     ratios = defaultdict(list)                  # (pair, space) -> one ratio per scene
     for s in specs[:CONTRAST_SCENES]:
-        drawn = [np.asarray(S.render_scene(dataclasses.replace(s, shape=sh))) for sh in ("circle", "square", "triangle")]
+        drawn = [np.asarray(S.render_scene(dataclasses.replace(s, shape=sh)))
+                 for sh in ("circle", "square", "triangle")]
         images = np.stack(drawn + [np.full_like(drawn[0], s.bg_rgb)])
         z = encode(vae, images)
         with torch.no_grad():
